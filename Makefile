@@ -1,0 +1,36 @@
+# Each target creates the virtual environment in .venv when it is missing or out of date.
+PYTHON_SYS ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+
+.PHONY: demo test lint setup clean
+
+# Core install: the library and its run-time dependencies.
+$(VENV)/.core: pyproject.toml
+	$(PYTHON_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+# Everything: the torch extra (conversion from .pth, parity tests) and the dev tools.
+$(VENV)/.full: $(VENV)/.core
+	$(PIP) install -q -e '.[torch,dev]'
+	touch $@
+
+setup: $(VENV)/.full
+
+demo: $(VENV)/.full
+	$(PYTHON) tools/demo_convert.py --out demo_out
+
+test: $(VENV)/.full
+	@$(PYTHON) -m pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; \
+	exit $$status
+
+lint: $(VENV)/.full
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) demo_out

@@ -1,0 +1,368 @@
+"""timm / OpenCLIP state dicts -> Flax variables of `clca_jax.models.VisionTransformer`.
+
+The Flax tree mirrors timm's module names, so the mapping is mechanical: `blocks_3/attn/qkv/kernel`
+is `blocks.3.attn.qkv.weight` transposed. The converter walks the *model's* parameter tree (from
+`jax.eval_shape`), takes each leaf from the checkpoint, and accounts for every checkpoint key:
+mapped, deliberately dropped (reported), or unknown (an error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from clca_jax.convert.resample import resample_pos_embed
+from clca_jax.models import create_model
+from clca_jax.models.config import resolve_backbone
+from clca_jax.models.registry import Backbone
+
+
+class ConversionError(ValueError):
+    """The checkpoint cannot become the requested model; the message says which key and why."""
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What happened to every key.
+
+    Attributes:
+      mapped: checkpoint keys copied into the model (possibly transposed or resampled).
+      resampled: keys whose values were resampled (position embedding), with old -> new shape.
+      fresh: model parameters not taken from the checkpoint (new head, CLR tokens), with why.
+      dropped: checkpoint keys deliberately not used, with why.
+    """
+
+    mapped: list[str] = dataclasses.field(default_factory=list)
+    resampled: dict[str, str] = dataclasses.field(default_factory=dict)
+    fresh: dict[str, str] = dataclasses.field(default_factory=dict)
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"mapped {len(self.mapped)} checkpoint tensors"]
+        lines += [f"resampled {key}: {how}" for key, how in self.resampled.items()]
+        lines += [f"fresh {key}: {why}" for key, why in self.fresh.items()]
+        lines += [f"dropped {key}: {why}" for key, why in self.dropped.items()]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading checkpoints
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Reads a `.safetensors`, `.pth`, `.pt` or `.bin` state dict as float32 NumPy arrays.
+
+    A dict holding the state dict under `model` or `state_dict` (training checkpoints) is
+    unwrapped. `.pth`/`.bin` need PyTorch (`pip install clca_jax[torch]`).
+    """
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        try:
+            state = load_file(path)
+        except Exception as error:  # safetensors raises its own untyped errors
+            raise ConversionError(f"Cannot read {path} as safetensors: {error}") from error
+    else:
+        state = _load_torch_file(path)
+    return {key: np.asarray(value, dtype=np.float32) for key, value in state.items()}
+
+
+def _load_torch_file(path: str) -> Mapping:
+    try:
+        import torch
+    except ImportError as error:
+        raise ConversionError(
+            f"Reading {path} needs PyTorch: pip install 'clca_jax[torch]' "
+            "(or convert the file to .safetensors first)."
+        ) from error
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        raise ConversionError(f"Cannot read {path} as a PyTorch checkpoint: {error}") from error
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping):
+        raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict.")
+    tensors = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(
+                f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor."
+            )
+        tensors[key] = value.detach().float().numpy()
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenCLIP -> timm names
+
+_OPENCLIP_RENAMES = (
+    ("conv1", "patch_embed.proj"),
+    ("positional_embedding", "pos_embed"),
+    ("class_embedding", "cls_token"),
+    ("transformer.resblocks.", "blocks."),
+    ("ln_pre", "norm_pre"),
+    ("ln_post", "norm"),
+    ("ln_1", "norm1"),
+    ("ln_2", "norm2"),
+    ("attn.in_proj_weight", "attn.qkv.weight"),
+    ("attn.in_proj_bias", "attn.qkv.bias"),
+    ("attn.out_proj", "attn.proj"),
+    ("mlp.c_fc", "mlp.fc1"),
+    ("mlp.c_proj", "mlp.fc2"),
+)
+
+
+def is_openclip(state: Mapping[str, np.ndarray]) -> bool:
+    """True for an OpenCLIP state dict (image tower under `visual.`)."""
+    return any(key.startswith(("visual.", "module.visual.")) for key in state)
+
+
+def openclip_to_timm(
+    state: Mapping[str, np.ndarray], report: ConversionReport | None = None
+) -> dict[str, np.ndarray]:
+    """Renames an OpenCLIP image tower to timm keys; the text tower is dropped (reported)."""
+    report = report if report is not None else ConversionReport()
+    out = {}
+    for key, value in state.items():
+        name = key.removeprefix("module.")
+        if not name.startswith("visual."):
+            report.dropped[key] = "not part of the image tower"
+            continue
+        name = name.removeprefix("visual.")
+        if name == "proj":
+            # The image-text projection: timm keeps it as a (discarded) 512-way head.
+            out["head.weight"], out["head.bias"] = value.T, np.zeros(value.shape[1], np.float32)
+            continue
+        for old, new in _OPENCLIP_RENAMES:
+            name = name.replace(old, new)
+        if name == "cls_token":
+            value = value.reshape(1, 1, -1)
+        elif name == "pos_embed":
+            value = value[None]
+        out[name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture check
+
+
+def describe_checkpoint(state: Mapping[str, np.ndarray]) -> dict:
+    """Architecture facts readable from a timm-format state dict (for error messages)."""
+    facts = {}
+    if "patch_embed.proj.weight" in state:
+        width, _, patch, _ = state["patch_embed.proj.weight"].shape
+        facts.update(embed_dim=int(width), patch_size=int(patch))
+    block_ids = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if block_ids:
+        facts["depth"] = max(block_ids) + 1
+    facts["qkv_bias"] = "blocks.0.attn.qkv.bias" in state
+    facts["pre_norm"] = "norm_pre.weight" in state
+    facts["layer_scale"] = "blocks.0.ls1.gamma" in state
+    facts["patch_bias"] = "patch_embed.proj.bias" in state
+    return facts
+
+
+def check_architecture(state: Mapping[str, np.ndarray], backbone: Backbone, model_name: str):
+    """Raises ConversionError listing every architecture fact that disagrees with the model."""
+    facts = describe_checkpoint(state)
+    expected = {
+        "embed_dim": backbone.embed_dim,
+        "patch_size": backbone.patch_size,
+        "depth": backbone.depth,
+        "qkv_bias": backbone.qkv_bias,
+        "pre_norm": backbone.pre_norm,
+        "layer_scale": backbone.layer_scale is not None,
+        "patch_bias": backbone.patch_bias,
+    }
+    differences = [
+        f"{name}: checkpoint {facts[name]}, model {value}"
+        for name, value in expected.items()
+        if name in facts and facts[name] != value
+    ]
+    if differences:
+        raise ConversionError(
+            f"The checkpoint does not fit --model {model_name}: " + "; ".join(differences) + ". "
+            "Pick the timm name the checkpoint was trained with (see "
+            "clca_jax.models.list_backbones()), or set the size overrides "
+            "(--embed-dim/--depth/--num-heads) for a non-standard size."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# timm -> Flax
+
+
+def flax_to_timm_key(path: tuple[str, ...]) -> str:
+    """('blocks_3', 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight'."""
+    *modules, leaf = path
+    leaf = {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
+    name = ".".join(modules + [leaf])
+    return re.sub(r"(^|\.)([A-Za-z_]+?)_(\d+)(?=\.)", r"\1\2.\3", name)
+
+
+def to_flax_layout(key: str, value: np.ndarray, flax_ndim: int) -> np.ndarray:
+    """PyTorch weight layout -> Flax kernel layout (Linear: transpose; Conv: OIHW -> HWIO)."""
+    if not key.endswith(".weight") or flax_ndim == 1:
+        return value
+    if value.ndim == 2:
+        return value.T
+    if value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)
+    return value
+
+
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(entry, "key", entry)) for entry in path)
+
+
+def convert_state_dict(
+    state: Mapping[str, np.ndarray],
+    model_config: ml_collections.ConfigDict,
+    *,
+    antialias: bool = True,
+    seed: int = 0,
+) -> tuple[dict, ConversionReport]:
+    """Converts a timm-format (or OpenCLIP) state dict into the model's Flax variables.
+
+    Args:
+      state: the checkpoint tensors, PyTorch layout.
+      model_config: the target `model` config (backbone, img_size, num_classes, ...).
+      antialias: position-embedding resampling route; timm-format weights use the antialiased
+        kernel, the OpenCLIP route the non-antialiased one (spec 1.3). Ignored for OpenCLIP
+        input, which always uses the non-antialiased kernel.
+      seed: seed of the fresh parameters (new head, CLR position rows).
+
+    Returns:
+      (variables, report).
+
+    Raises:
+      ConversionError: a key is missing, unknown or of the wrong shape, or the checkpoint is of
+        another architecture.
+    """
+    report = ConversionReport()
+    if is_openclip(state):
+        state = openclip_to_timm(state, report)
+        antialias = False
+    backbone = resolve_backbone(model_config)
+    check_architecture(state, backbone, model_config.backbone)
+    model = create_model(model_config)
+    size = model_config.img_size
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    fresh = jax.jit(model.init)(jax.random.key(seed), dummy)
+
+    converter = _Converter(
+        remaining=dict(state),
+        backbone=backbone,
+        num_patches=model.num_patches,
+        img_size=size,
+        antialias=antialias,
+        rng=np.random.default_rng(seed),
+        report=report,
+    )
+    params = {}
+    for path, init_value in jax.tree_util.tree_flatten_with_path(fresh["params"])[0]:
+        names = _path_names(path)
+        params[names] = converter.take(flax_to_timm_key(names), init_value)
+    for key in sorted(converter.remaining):
+        if key in ("head.weight", "head.bias"):
+            continue  # Accounted for when the head was re-created.
+        raise ConversionError(
+            f"Checkpoint key {key!r} (shape {tuple(converter.remaining[key].shape)}) has no "
+            f"place in {model_config.backbone}; is --model right for this checkpoint?"
+        )
+    return {"params": _unflatten(params)}, report
+
+
+@dataclasses.dataclass
+class _Converter:
+    """Takes model leaves one by one out of `remaining` (the checkpoint keys not yet used)."""
+
+    remaining: dict[str, np.ndarray]
+    backbone: Backbone
+    num_patches: int
+    img_size: int
+    antialias: bool
+    rng: np.random.Generator
+    report: ConversionReport
+
+    def take(self, key: str, init_value) -> np.ndarray:
+        """The checkpoint value for one model leaf (mapped, resampled or fresh)."""
+        expected = tuple(init_value.shape)
+        if key.startswith("head."):
+            return self._head(key, init_value)
+        if key == "clr":
+            self.report.fresh[key] = "CLR tokens initialised as copies of the class token"
+            return np.tile(self.remaining["cls_token"], (1, expected[1], 1))
+        if key not in self.remaining:
+            raise ConversionError(
+                f"Checkpoint has no {key!r} (shape {expected}), which the model needs."
+            )
+        value = to_flax_layout(key, self.remaining.pop(key), init_value.ndim)
+        self.report.mapped.append(key)
+        if key == "pos_embed":
+            value = self._pos_embed(value, expected)
+        if tuple(value.shape) != expected:
+            raise ConversionError(
+                f"Checkpoint key {key!r} has shape {tuple(value.shape)} (in Flax layout) but "
+                f"the model expects {expected}; is --model right for this checkpoint?"
+            )
+        return value
+
+    def _head(self, key: str, init_value) -> np.ndarray:
+        value = self.remaining.get(key)
+        classes = init_value.shape[-1]
+        if value is not None:
+            stored = to_flax_layout(key, value, init_value.ndim)
+            if stored.shape == init_value.shape:
+                del self.remaining[key]
+                self.report.mapped.append(key)
+                return stored
+            self.report.dropped[key] = (
+                f"{value.shape[0]}-class head, the model has {classes} classes"
+            )
+        self.report.fresh[key] = f"new head for {classes} classes"
+        return np.asarray(init_value)
+
+    def _pos_embed(self, value: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
+        """Resamples the patch rows to the model's grid and appends fresh CLR rows."""
+        num_prefix = 0 if self.backbone.no_embed_class else 1
+        grid = self.img_size // self.backbone.patch_size
+        stored_patches = value.shape[1] - num_prefix
+        side = math.isqrt(stored_patches)
+        if side * side != stored_patches:
+            raise ConversionError(
+                f"pos_embed has {value.shape[1]} rows; with {num_prefix} class-token row(s) the "
+                f"remaining {stored_patches} do not form a square grid. Is --model right?"
+            )
+        resampled = resample_pos_embed(value, (grid, grid), num_prefix, self.antialias)
+        if resampled.shape != value.shape:
+            kernel = "antialiased a=-0.5" if self.antialias else "non-antialiased a=-0.75"
+            self.report.resampled["pos_embed"] = (
+                f"{side}x{side} -> {grid}x{grid} grid, bicubic {kernel}"
+            )
+        extra = expected[1] - num_prefix - self.num_patches  # CLR rows the checkpoint lacks
+        if extra > 0:
+            rows = self.rng.normal(0.0, 0.02, (1, extra, value.shape[2])).astype(np.float32)
+            resampled = np.concatenate([resampled, rows], axis=1)
+            self.report.fresh["pos_embed[CLR rows]"] = f"{extra} rows drawn from N(0, 0.02^2)"
+        return resampled
+
+
+def _unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
+    tree: dict = {}
+    for names, value in flat.items():
+        node = tree
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1]] = np.asarray(value, dtype=np.float32)
+    return tree

@@ -1,0 +1,152 @@
+"""The model section of a config: defaults, validation, and the resolved architecture."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from clca_jax.models import registry
+
+REDUCTION_METHODS = (
+    "none",
+    "evit",
+    "topk",
+    "tome",
+    "dpcknn",
+    "dynamicvit",
+    "ats",
+    "sit",
+    "patchmerger",
+)
+CLCA_HEADS = ("none", "cla", "ifa")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+    """The `model` section with every field a user may set.
+
+    `embed_dim`, `depth` and `num_heads` default to the backbone's own values; setting them
+    builds a smaller or larger model of the same family (tests, laptop-sized runs).
+    """
+    return ml_collections.ConfigDict(
+        {
+            "backbone": "vit_base_patch16_224.orig_in21k",
+            "img_size": 448,
+            "num_classes": 1000,
+            "dtype": "float32",
+            "embed_dim": config_dict.placeholder(int),
+            "depth": config_dict.placeholder(int),
+            "num_heads": config_dict.placeholder(int),
+            "reduction": {"method": "none", "keep_rate": 1.0, "locations": (3, 6, 9)},
+            "clca": {
+                "head": "none",
+                "clc": False,
+                "num_clr": 0,
+                "include_gap": True,
+                "recover_at_last": True,
+                "pool_cls": False,
+                "pool_clr": False,
+                "protect_cache": False,
+            },
+        }
+    )
+
+
+def resolve_backbone(model_config: ml_collections.ConfigDict) -> registry.Backbone:
+    """The registry architecture with the config's size overrides applied and checked."""
+    backbone = registry.get_backbone(model_config.backbone)
+    overrides = {
+        field: model_config.get(field)
+        for field in ("embed_dim", "depth", "num_heads")
+        if model_config.get(field) is not None
+    }
+    backbone = dataclasses.replace(backbone, **overrides)
+    for field in ("embed_dim", "depth", "num_heads"):
+        value = getattr(backbone, field)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"model.{field} must be a positive integer, got {value!r}.")
+    if backbone.embed_dim % backbone.num_heads:
+        raise ValueError(
+            f"model.embed_dim ({backbone.embed_dim}) must be divisible by model.num_heads "
+            f"({backbone.num_heads})."
+        )
+    return backbone
+
+
+def validate_model_config(model_config: ml_collections.ConfigDict) -> registry.Backbone:
+    """Checks every model field once, before anything is built or compiled.
+
+    Returns:
+      The resolved backbone architecture.
+
+    Raises:
+      ValueError: a field is out of range or of the wrong type; the message names the field,
+        the value seen and what is accepted.
+    """
+    backbone = resolve_backbone(model_config)
+    img_size = model_config.img_size
+    if not isinstance(img_size, int) or img_size < 1:
+        raise ValueError(f"model.img_size must be a positive integer, got {img_size!r}.")
+    if img_size % backbone.patch_size:
+        raise ValueError(
+            f"model.img_size={img_size} is not divisible by the patch size {backbone.patch_size} "
+            f"of {model_config.backbone}; use a multiple of {backbone.patch_size} "
+            f"(e.g. {max(img_size // backbone.patch_size, 1) * backbone.patch_size})."
+        )
+    num_classes = model_config.num_classes
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"model.num_classes must be a positive integer, got {num_classes!r}.")
+    if model_config.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {DTYPES}, got {model_config.dtype!r}.")
+    _validate_clca(model_config.clca)
+    clca_used = model_config.clca.head != "none" or model_config.clca.clc
+    _validate_reduction(model_config.reduction, backbone.depth, clca_used)
+    return backbone
+
+
+def _validate_reduction(reduction: ml_collections.ConfigDict, depth: int, clca_used: bool) -> None:
+    method = reduction.method
+    if method not in REDUCTION_METHODS:
+        raise ValueError(
+            f"model.reduction.method must be one of {', '.join(REDUCTION_METHODS)}; got {method!r}."
+        )
+    keep_rate = reduction.keep_rate
+    if isinstance(keep_rate, bool) or not isinstance(keep_rate, int | float):
+        raise ValueError(f"model.reduction.keep_rate must be a number, got {keep_rate!r}.")
+    if not 0.0 < keep_rate <= 1.0:
+        raise ValueError(f"model.reduction.keep_rate must be in (0, 1], got {keep_rate}.")
+    locations = tuple(reduction.locations)
+    if not all(isinstance(loc, int) and not isinstance(loc, bool) for loc in locations):
+        raise ValueError(f"model.reduction.locations must be integers, got {locations!r}.")
+    if method == "none" and not clca_used:
+        return  # Locations are unused.
+    if not locations:
+        raise ValueError("model.reduction.locations is empty; give at least one block index.")
+    if list(locations) != sorted(set(locations)):
+        raise ValueError(
+            f"model.reduction.locations must be strictly increasing, got {list(locations)}."
+        )
+    bad = [loc for loc in locations if not 0 <= loc < depth]
+    if bad:
+        raise ValueError(
+            f"model.reduction.locations {bad} lie outside the {depth} blocks of the backbone "
+            f"(valid: 0..{depth - 1})."
+        )
+
+
+def _validate_clca(clca: ml_collections.ConfigDict) -> None:
+    if clca.head not in CLCA_HEADS:
+        raise ValueError(f"model.clca.head must be one of {CLCA_HEADS}, got {clca.head!r}.")
+    num_clr = clca.num_clr
+    if isinstance(num_clr, bool) or not isinstance(num_clr, int) or num_clr < 0:
+        raise ValueError(f"model.clca.num_clr must be an integer >= 0, got {num_clr!r}.")
+    for flag in ("clc", "include_gap", "recover_at_last", "pool_cls", "pool_clr", "protect_cache"):
+        if not isinstance(clca[flag], bool):
+            raise ValueError(f"model.clca.{flag} must be True or False, got {clca[flag]!r}.")
+    if clca.clc and not clca.include_gap and num_clr == 0:
+        raise ValueError(
+            "model.clca.clc caches nothing with include_gap=False and num_clr=0; "
+            "enable include_gap or set num_clr >= 1."
+        )

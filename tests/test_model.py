@@ -1,0 +1,95 @@
+"""ViT model API: shapes, validation before compile, one trace per input shape."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clca_jax.models import create_model, default_model_config
+
+
+def tiny_config(**changes):
+    config = default_model_config()
+    config.backbone = "vit_tiny_patch16_224"
+    config.img_size = 32
+    config.embed_dim, config.depth, config.num_heads = 64, 2, 2
+    config.num_classes = 5
+    config.update(changes)
+    return config
+
+
+def test_apply_returns_logits_and_aux():
+    model = create_model(tiny_config())
+    images = jnp.ones((3, 32, 32, 3))
+    variables = model.init(jax.random.key(0), images)
+    logits, aux = model.apply(variables, images, train=False)
+    assert logits.shape == (3, 5) and logits.dtype == jnp.float32
+    assert aux["pre_logits"].shape == (3, 64)
+
+
+def test_apply_compiles_once_per_shape():
+    model = create_model(tiny_config())
+    images = jnp.ones((2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), images)
+    traces = []
+
+    @jax.jit
+    def forward(variables, images):
+        traces.append(1)
+        return model.apply(variables, images)[0]
+
+    forward(variables, images)
+    forward(variables, images + 1.0)
+    assert len(traces) == 1
+    forward(variables, jnp.ones((4, 32, 32, 3)))  # a new batch size is a new shape
+    assert len(traces) == 2
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = create_model(tiny_config(dtype="bfloat16"))
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), images)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+    low, _ = model.apply(variables, images)
+    full, _ = create_model(tiny_config()).apply(variables, images)
+    assert low.dtype == jnp.float32
+    np.testing.assert_allclose(low, full, atol=0.05)
+
+
+def test_wrong_image_shape_is_a_clear_error():
+    model = create_model(tiny_config())
+    variables = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match=r"Expected images of shape \[batch, 32, 32, 3\] \(NHWC\)"):
+        model.apply(variables, jnp.ones((1, 3, 32, 32)))
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("img_size", 40, "not divisible by the patch size 16"),
+        ("num_classes", 0, "num_classes must be a positive integer"),
+        ("dtype", "float8", "model.dtype must be one of"),
+        ("reduction.method", "random", "model.reduction.method must be one of"),
+        ("reduction.keep_rate", 0.0, r"keep_rate must be in \(0, 1\]"),
+        ("reduction.keep_rate", 1.5, r"keep_rate must be in \(0, 1\]"),
+        ("clca.head", "mlp", "model.clca.head must be one of"),
+        ("clca.num_clr", -1, "num_clr must be an integer >= 0"),
+        ("num_heads", 3, "must be divisible by model.num_heads"),
+    ],
+)
+def test_bad_config_fails_before_building(field, value, message):
+    config = tiny_config()
+    section, _, leaf = field.rpartition(".")
+    (config[section] if section else config)[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        create_model(config)
+
+
+def test_reduction_location_outside_depth():
+    config = tiny_config()
+    config.reduction.method = "evit"
+    config.reduction.locations = (1, 2)
+    with pytest.raises(ValueError, match=r"locations \[2\] lie outside the 2 blocks"):
+        create_model(config)
