@@ -11,6 +11,8 @@ $(VENV)/.core: pyproject.toml
 	$(PYTHON_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e .
+	# Demo images; --no-deps because the package's own loader (unused here) pulls in tensorflow.
+	$(PIP) install -q --no-deps animal-mnist==0.4
 	touch $@
 
 # Everything: the torch extra (conversion from .pth, parity tests) and the dev tools.

@@ -1,0 +1,177 @@
+"""Split lists: reading `dir,class_id` CSV files, the 80 % carve and label checks.
+
+A split list is a list of `(relative_path, label)` pairs in file order. Every route that reads
+files (the user's folder, the user's CSV files and the Ultra-FGVC builders) goes through these
+functions, so the same input gives the same error whichever route reads it.
+
+The carve reproduces the reference `data_split.py` (spec 6.3): per class, in file order, the
+first `int(0.8 * n)` rows go to `train`, the rest to `val`, and `train_val` is the whole list.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import os
+from collections.abc import Mapping, Sequence
+
+SplitList = list[tuple[str, int]]
+
+TRAIN_FRACTION = 0.8
+# How many offending entries an error message lists before it only gives the count.
+MAX_LISTED = 10
+
+
+class DataError(ValueError):
+    """The data on disk disagrees with what the configuration asks for."""
+
+
+def read_split_csv(csv_path: str) -> SplitList:
+    """Reads one split file with the columns `dir` and `class_id` (any order, header first).
+
+    Args:
+      csv_path: path of the CSV file.
+
+    Returns:
+      The `(dir, class_id)` rows in file order.
+    """
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in ("dir", "class_id") if c not in header]
+        if missing:
+            raise DataError(
+                f"{csv_path}: missing column(s) {missing}; header seen: {header}. "
+                "A split file needs a header with the columns `dir,class_id`."
+            )
+        rows = [_parse_row(csv_path, line, row) for line, row in enumerate(reader, start=2)]
+    if not rows:
+        raise DataError(
+            f"{csv_path} has a header but no rows; add one `dir,class_id` row per image."
+        )
+    return rows
+
+
+def _parse_row(csv_path: str, line: int, row: Mapping[str, str]) -> tuple[str, int]:
+    """Turns one CSV row into `(dir, class_id)`, naming the line when it is malformed."""
+    path, label = (row.get("dir") or "").strip(), (row.get("class_id") or "").strip()
+    if not path:
+        raise DataError(f"{csv_path} line {line}: empty `dir` value; every row names an image.")
+    try:
+        return path, int(label)
+    except ValueError:
+        raise DataError(
+            f"{csv_path} line {line}: class_id {label!r} is not an integer; "
+            "class ids are integers 0..C-1."
+        ) from None
+
+
+def carve_train_val(
+    rows: SplitList, fraction: float = TRAIN_FRACTION
+) -> tuple[SplitList, SplitList]:
+    """Splits one list into train and val per class, keeping file order (spec 6.3).
+
+    Args:
+      rows: the whole list (`train_val`).
+      fraction: share of each class that goes to train; `int(fraction * n)` rows.
+
+    Returns:
+      `(train, val)`, each in the order of `rows`.
+    """
+    per_class = collections.Counter(label for _, label in rows)
+    quota = {label: int(fraction * n) for label, n in per_class.items()}
+    seen: collections.Counter[int] = collections.Counter()
+    train, val = [], []
+    for path, label in rows:
+        (train if seen[label] < quota[label] else val).append((path, label))
+        seen[label] += 1
+    return train, val
+
+
+def resolve_split(name: str, lists: Mapping[str, SplitList], where: str) -> SplitList:
+    """Returns the split called `name`, carving `train`/`val` from `train_val` if needed.
+
+    Args:
+      name: requested split, e.g. `train`, `val`, `train_val`, `test`.
+      lists: the split lists that exist on disk, by name.
+      where: what holds the lists (a folder), for the error message.
+
+    Returns:
+      The split list.
+    """
+    if name in lists:
+        return lists[name]
+    if name in ("train", "val") and "train_val" in lists:
+        train, val = carve_train_val(lists["train_val"])
+        return train if name == "train" else val
+    available = sorted(set(lists) | ({"train", "val"} if "train_val" in lists else set()))
+    raise DataError(
+        f"split {name!r} not found in {where}; available splits: {available}. "
+        "Set data.train_split / data.eval_split to one of them."
+    )
+
+
+def count_classes(train: SplitList) -> int:
+    """Number of classes = number of distinct class ids in the training list (spec 6.3)."""
+    return len({label for _, label in train})
+
+
+def check_labels(
+    splits: Mapping[str, SplitList], train_name: str, num_classes: int, where: str
+) -> None:
+    """Checks that every label lies in `0..num_classes-1` and that no class is empty.
+
+    Args:
+      splits: split lists by name.
+      train_name: the split whose labels define the classes; every class needs an image there.
+      num_classes: the class count.
+      where: what holds the lists, for the error message.
+    """
+    train = splits[train_name]
+    empty = sorted(set(range(num_classes)) - {label for _, label in train})
+    if empty:
+        raise DataError(
+            f"{where}: class id(s) {_listed(empty)} have no image in split {train_name!r} "
+            f"(empty classes; {num_classes} classes expected, ids 0..{num_classes - 1}). "
+            "Renumber class ids to 0..C-1 without gaps or add images for these classes."
+        )
+    for name, rows in splits.items():
+        bad = [(path, label) for path, label in rows if not 0 <= label < num_classes]
+        if bad:
+            raise DataError(
+                f"{where}: split {name!r} has {len(bad)} label(s) outside the class range "
+                f"0..{num_classes - 1}, e.g. {_listed(bad)}. The class count is the number of "
+                f"distinct class ids in split {train_name!r}; fix the class ids."
+            )
+
+
+def find_missing_files(root: str, rows: Sequence[tuple[str, int]]) -> list[str]:
+    """Relative paths of `rows` that are not files under `root`, in row order."""
+    return [path for path, _ in rows if not os.path.isfile(os.path.join(root, path))]
+
+
+def check_files_exist(root: str, splits: Mapping[str, SplitList]) -> None:
+    """Raises a `DataError` listing the rows whose image file does not exist.
+
+    Args:
+      root: the folder the `dir` values are relative to.
+      splits: split lists by name.
+    """
+    problems = []
+    for name, rows in splits.items():
+        missing = find_missing_files(root, rows)
+        if missing:
+            problems.append(f"split {name!r}: {len(missing)} missing, e.g. {_listed(missing)}")
+    if problems:
+        raise DataError(
+            f"image files named in the split lists do not exist under {root}: "
+            + "; ".join(problems)
+            + ". Check data.dir (and the image folder) or restore the files."
+        )
+
+
+def _listed(items: Sequence) -> str:
+    """Formats up to `MAX_LISTED` items, then how many more there are."""
+    shown = ", ".join(str(x) for x in items[:MAX_LISTED])
+    more = len(items) - MAX_LISTED
+    return f"[{shown}" + (f", ... and {more} more]" if more > 0 else "]")

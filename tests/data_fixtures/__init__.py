@@ -1,0 +1,1 @@
+"""Helpers that fabricate tiny image datasets on disk for the data tests."""
