@@ -9,9 +9,10 @@ mapped, deliberately dropped (reported), or unknown (an error).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ import numpy as np
 from clca_jax.convert.resample import resample_pos_embed
 from clca_jax.models import create_model
 from clca_jax.models.config import resolve_backbone
+from clca_jax.models.reduction import METHODS
 from clca_jax.models.registry import Backbone
 
 
@@ -202,22 +204,66 @@ def check_architecture(state: Mapping[str, np.ndarray], backbone: Backbone, mode
 # timm -> Flax
 
 
-def flax_to_timm_key(path: tuple[str, ...]) -> str:
-    """('blocks_3', 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight'."""
+# Flax head modules -> the reference's `ifa_head` Sequential indices.
+_HEAD_MODULES = {
+    "cla_head": {
+        "norm_in": "ifa_head.0.0",
+        "depthwise": "ifa_head.0.1",
+        "norm_mid": "ifa_head.0.2",
+        "classifier": "ifa_head.0.4",
+    },
+    "ifa_head": {
+        "layer_weights": "ifa_head.0.0",
+        "norm": "ifa_head.0.3",
+        "classifier": "ifa_head.0.4",
+    },
+}
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
+
+
+def flax_to_timm_key(path: tuple[str, ...], method: str = "none") -> str:
+    """The reference (timm-style) key of a Flax leaf.
+
+    ('blocks_3', 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight';
+    ('cla_head', 'depthwise', 'kernel') -> 'ifa_head.0.1.weight';
+    ('reduction_1', 'predictor', 'fc1', 'bias') -> 'score_predictor.1.out_conv.0.bias'.
+    """
     *modules, leaf = path
-    leaf = {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
+    if modules and modules[0].startswith("reduction_"):
+        return _reduction_key(modules, leaf, METHODS[method])
+    leaf = _LEAF_NAMES.get(leaf, leaf)
+    if modules and modules[0] in _HEAD_MODULES:
+        return f"{_HEAD_MODULES[modules[0]][modules[1]]}.{leaf}"
     name = ".".join(modules + [leaf])
     return re.sub(r"(^|\.)([A-Za-z_]+?)_(\d+)(?=\.)", r"\1\2.\3", name)
 
 
-def to_flax_layout(key: str, value: np.ndarray, flax_ndim: int) -> np.ndarray:
-    """PyTorch weight layout -> Flax kernel layout (Linear: transpose; Conv: OIHW -> HWIO)."""
-    if not key.endswith(".weight") or flax_ndim == 1:
+def _reduction_key(modules: list[str], leaf: str, method) -> str:
+    stage = modules[0].removeprefix("reduction_")
+    prefix = f"{method.official_prefix}.{stage}"
+    if len(modules) == 1:  # a parameter of the method itself (SiT's scale, PatchMerger's queries)
+        return f"{prefix}.{leaf}"
+    inner = "/".join(modules[1:])
+    inner = getattr(method, "official_names", {}).get(inner, inner.replace("/", "."))
+    return f"{prefix}.{inner}.{_LEAF_NAMES.get(leaf, leaf)}"
+
+
+def to_flax_layout(key: str, value: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
+    """PyTorch weight layout -> Flax kernel layout.
+
+    Linear [out, in] -> [in, out]; Conv2d OIHW -> HWIO; Conv1d [out, in/groups, k] -> [k, in/groups,
+    out]; a 1x1 Conv1d used as a Linear [out, in, 1] -> [in, out].
+    """
+    if not key.endswith(".weight") or len(flax_shape) == 1:
         return value
     if value.ndim == 2:
         return value.T
     if value.ndim == 4:
         return value.transpose(2, 3, 1, 0)
+    if value.ndim == 3 and len(flax_shape) == 2:
+        return value[:, :, 0].T
+    if value.ndim == 3:
+        return value.transpose(2, 1, 0)
     return value
 
 
@@ -258,9 +304,11 @@ def convert_state_dict(
     model = create_model(model_config)
     size = model_config.img_size
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-    fresh = jax.jit(model.init)(jax.random.key(seed), dummy)
+    abstract = jax.eval_shape(model.init, jax.random.key(seed), dummy)
 
+    stored_registers = state["clr"].shape[1] if "clr" in state else 0
     converter = _Converter(
+        stored_registers=stored_registers,
         remaining=dict(state),
         backbone=backbone,
         num_patches=model.num_patches,
@@ -268,25 +316,40 @@ def convert_state_dict(
         antialias=antialias,
         rng=np.random.default_rng(seed),
         report=report,
+        initialise=functools.cache(lambda: jax.jit(model.init)(jax.random.key(seed), dummy)),
     )
-    params = {}
-    for path, init_value in jax.tree_util.tree_flatten_with_path(fresh["params"])[0]:
+    leaves = {}
+    method = model_config.reduction.method
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         names = _path_names(path)
-        params[names] = converter.take(flax_to_timm_key(names), init_value)
+        leaves[names] = converter.take(flax_to_timm_key(names[1:], method), names, leaf)
     for key in sorted(converter.remaining):
-        if key in ("head.weight", "head.bias"):
-            continue  # Accounted for when the head was re-created.
-        raise ConversionError(
-            f"Checkpoint key {key!r} (shape {tuple(converter.remaining[key].shape)}) has no "
-            f"place in {model_config.backbone}; is --model right for this checkpoint?"
-        )
-    return {"params": _unflatten(params)}, report
+        why = _unused_reason(key, model_config)
+        if why is None:
+            raise ConversionError(
+                f"Checkpoint key {key!r} (shape {tuple(converter.remaining[key].shape)}) has no "
+                f"place in the model ({model_config.backbone}, reduction "
+                f"{method!r}, head {model_config.clca.head!r}); is the configuration right for "
+                "this checkpoint?"
+            )
+        report.dropped[key] = why
+    return _unflatten(leaves), report
+
+
+def _unused_reason(key: str, model_config: ml_collections.ConfigDict) -> str | None:
+    """Why a checkpoint key is deliberately left out, or None when it is unexpected."""
+    if key.startswith("head.") and model_config.clca.head != "none":
+        return "the reference's unused classifier (the CLA/IFA head classifies)"
+    if key.endswith("num_batches_tracked"):
+        return "BatchNorm step counter (not needed)"
+    return None
 
 
 @dataclasses.dataclass
 class _Converter:
     """Takes model leaves one by one out of `remaining` (the checkpoint keys not yet used)."""
 
+    stored_registers: int
     remaining: dict[str, np.ndarray]
     backbone: Backbone
     num_patches: int
@@ -294,21 +357,56 @@ class _Converter:
     antialias: bool
     rng: np.random.Generator
     report: ConversionReport
+    initialise: Callable[[], dict]  # the model's own initial variables (computed on demand)
+    cls_token: np.ndarray | None = None
 
-    def take(self, key: str, init_value) -> np.ndarray:
-        """The checkpoint value for one model leaf (mapped, resampled or fresh)."""
+    def initial(self, names: tuple[str, ...]) -> np.ndarray:
+        node = self.initialise()
+        for name in names:
+            node = node[name]
+        return np.asarray(node)
+
+    def _cls_token(self) -> np.ndarray:
+        if self.cls_token is None:
+            self.cls_token = self.remaining["cls_token"]
+        return self.cls_token
+
+    def _registers(self, key: str, init_value) -> np.ndarray:
+        """CLR tokens of a CLCA checkpoint; a different count is re-created from CLS."""
+        value = self.remaining.pop(key)
+        if value.shape == init_value.shape:
+            self.report.mapped.append(key)
+            return value
+        self.report.dropped[key] = (
+            f"{value.shape[1]} CLR tokens, the model has {init_value.shape[1]}"
+        )
+        self.report.fresh[key] = "CLR tokens initialised as copies of the class token"
+        return np.tile(self._cls_token(), (1, init_value.shape[1], 1))
+
+    def take(self, key: str, names: tuple[str, ...], init_value) -> np.ndarray:
+        """The checkpoint value for one model leaf (mapped, resampled or fresh).
+
+        Args:
+          key: the leaf's checkpoint key.
+          names: the leaf's path in the Flax variables (collection first).
+          init_value: the leaf's abstract value (shape and dtype).
+        """
         expected = tuple(init_value.shape)
-        if key.startswith("head."):
-            return self._head(key, init_value)
+        if key.startswith(("head.", "ifa_head.0.4.")):
+            return self._head(key, names, init_value)
+        if key == "clr" and key in self.remaining:
+            return self._registers(key, init_value)
         if key == "clr":
             self.report.fresh[key] = "CLR tokens initialised as copies of the class token"
-            return np.tile(self.remaining["cls_token"], (1, expected[1], 1))
+            return np.tile(self._cls_token(), (1, expected[1], 1))
         if key not in self.remaining:
             raise ConversionError(
                 f"Checkpoint has no {key!r} (shape {expected}), which the model needs."
             )
-        value = to_flax_layout(key, self.remaining.pop(key), init_value.ndim)
+        value = to_flax_layout(key, self.remaining.pop(key), expected)
         self.report.mapped.append(key)
+        if key == "cls_token":
+            self.cls_token = value
         if key == "pos_embed":
             value = self._pos_embed(value, expected)
         if tuple(value.shape) != expected:
@@ -318,25 +416,33 @@ class _Converter:
             )
         return value
 
-    def _head(self, key: str, init_value) -> np.ndarray:
+    def _head(self, key: str, names: tuple[str, ...], init_value) -> np.ndarray:
         value = self.remaining.get(key)
         classes = init_value.shape[-1]
         if value is not None:
-            stored = to_flax_layout(key, value, init_value.ndim)
+            stored = to_flax_layout(key, value, tuple(init_value.shape))
             if stored.shape == init_value.shape:
                 del self.remaining[key]
                 self.report.mapped.append(key)
                 return stored
+            del self.remaining[key]
             self.report.dropped[key] = (
                 f"{value.shape[0]}-class head, the model has {classes} classes"
             )
         self.report.fresh[key] = f"new head for {classes} classes"
-        return np.asarray(init_value)
+        return self.initial(names)
 
     def _pos_embed(self, value: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
         """Resamples the patch rows to the model's grid and appends fresh CLR rows."""
         num_prefix = 0 if self.backbone.no_embed_class else 1
         grid = self.img_size // self.backbone.patch_size
+        stored_registers = 0
+        if not self.backbone.no_embed_class and self.stored_registers:
+            stored_registers = self.stored_registers
+        value, register_rows = (
+            value[:, : value.shape[1] - stored_registers],
+            value[:, value.shape[1] - stored_registers :],
+        )
         stored_patches = value.shape[1] - num_prefix
         side = math.isqrt(stored_patches)
         if side * side != stored_patches:
@@ -350,11 +456,13 @@ class _Converter:
             self.report.resampled["pos_embed"] = (
                 f"{side}x{side} -> {grid}x{grid} grid, bicubic {kernel}"
             )
-        extra = expected[1] - num_prefix - self.num_patches  # CLR rows the checkpoint lacks
-        if extra > 0:
-            rows = self.rng.normal(0.0, 0.02, (1, extra, value.shape[2])).astype(np.float32)
+        wanted = expected[1] - num_prefix - self.num_patches  # CLR rows of the model
+        if wanted and register_rows.shape[1] == wanted:
+            return np.concatenate([resampled, register_rows], axis=1)
+        if wanted:
+            rows = self.rng.normal(0.0, 0.02, (1, wanted, value.shape[2])).astype(np.float32)
             resampled = np.concatenate([resampled, rows], axis=1)
-            self.report.fresh["pos_embed[CLR rows]"] = f"{extra} rows drawn from N(0, 0.02^2)"
+            self.report.fresh["pos_embed[CLR rows]"] = f"{wanted} rows drawn from N(0, 0.02^2)"
         return resampled
 
 

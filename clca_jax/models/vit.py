@@ -9,7 +9,7 @@ accelerators); LayerNorm, softmax and the residual stream stay in float32.
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -17,27 +17,23 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from clca_jax.models.clca import CLAHead, IFAHead, cache_entry
+from clca_jax.models.initializers import (
+    torch_linear_bias_init,
+    torch_linear_kernel_init,
+    trunc_normal,
+)
+from clca_jax.models.reduction import METHODS, Reduced, Tokens
+from clca_jax.models.reduction.dynamicvit import RATIO_LOSS_WEIGHT, DynamicViT
 from clca_jax.models.registry import Backbone
+from clca_jax.models.schedule import (
+    ClcaOptions,
+    ReductionOptions,
+    TokenSchedule,
+    build_schedule,
+)
 
 Dtype = Any
-
-# timm initialises ViT linears and embeddings with a truncated normal of std 0.02.
-trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
-
-
-def torch_linear_kernel_init() -> nn.initializers.Initializer:
-    """PyTorch's default Linear/Conv weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def torch_linear_bias_init(fan_in: int) -> nn.initializers.Initializer:
-    """PyTorch's default Linear/Conv bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 @flax.struct.dataclass
@@ -100,7 +96,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, bias: jax.Array | None = None
+        self, x: jax.Array, bias: jax.Array | None = None, policy: jax.Array | None = None
     ) -> tuple[jax.Array, AttentionOutput]:
         """Attends over the tokens of `x`.
 
@@ -108,6 +104,8 @@ class Attention(nn.Module):
           x: tokens [B, N, D].
           bias: optional additive logit bias broadcastable to [B, heads, N, N] (ToMe's log
             token sizes, masks of padded or dropped tokens).
+          policy: optional keep decisions [B, N] (DynamicViT training): each query then sees
+            only kept keys and itself, with DynamicViT's smoothed softmax.
 
         Returns:
           The projected output [B, N, D] and the attention internals.
@@ -128,11 +126,23 @@ class Attention(nn.Module):
         logits = jnp.einsum("bhqd,bhkd->bhqk", query, keys).astype(jnp.float32)
         if bias is not None:
             logits = logits + bias
-        probs = jax.nn.softmax(logits, axis=-1)
+        if policy is None:
+            probs = jax.nn.softmax(logits, axis=-1)
+        else:
+            probs = policy_softmax(logits, policy)
         out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), values)
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, width)
         out = nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(out)
         return out.astype(jnp.float32), AttentionOutput(probs=probs, keys=keys, values=values)
+
+
+def policy_softmax(logits: jax.Array, policy: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """DynamicViT's masked softmax: (exp * keep + eps/N) / (sum(exp * keep) + eps)."""
+    length = logits.shape[-1]
+    keep = policy[:, None, None, :].astype(jnp.float32)
+    keep = keep + (1.0 - keep) * jnp.eye(length, dtype=jnp.float32)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)) * keep
+    return (weights + eps / length) / (jnp.sum(weights, axis=-1, keepdims=True) + eps)
 
 
 class Mlp(nn.Module):
@@ -200,10 +210,10 @@ class Block(nn.Module):
         return getattr(self, layer_scale_name)(x)
 
     def attend(
-        self, x: jax.Array, bias: jax.Array | None = None
+        self, x: jax.Array, bias: jax.Array | None = None, policy: jax.Array | None = None
     ) -> tuple[jax.Array, AttentionOutput]:
         """x + LS1(Attn(LN1(x))), plus the attention internals."""
-        out, attention = self.attn(self.norm1(x), bias)
+        out, attention = self.attn(self.norm1(x), bias, policy)
         return x + self._scale("ls1", out), attention
 
     def feed_forward(self, x: jax.Array) -> jax.Array:
@@ -218,26 +228,44 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT classifier: `[CLS, patches..., registers...]` -> blocks -> LayerNorm -> head(CLS).
+    """ViT with static-shape token reduction and the CLCA modules.
+
+    The block loop follows spec section 2: a "before" reduction acts on a block's input, an
+    "inside" one between its attention residual and its MLP; after the block the Cross-Layer
+    Cache returns its tokens (recovery blocks) and stores this block's entry; the class token
+    is collected for the CLA head. Every length comes from the static `TokenSchedule`.
 
     Attributes:
       backbone: architecture attributes (see `registry.Backbone`).
       img_size: input image side; must be a multiple of the patch size.
       num_classes: classifier outputs.
-      num_registers: extra tokens appended after the patches (CLCA's CLR tokens), each
-        initialised from the class token, with position-embedding rows unless `no_embed_class`.
+      reduction: token reduction method, keep rate and locations.
+      clca: CLA head and Cross-Layer Cache options; `clca.num_clr` register (CLR) tokens are
+        appended after the patches, initialised from the class token, with position-embedding
+        rows unless `no_embed_class`.
       dtype: matmul dtype.
     """
 
     backbone: Backbone
     img_size: int
     num_classes: int
-    num_registers: int = 0
+    reduction: ReductionOptions = ReductionOptions()
+    clca: ClcaOptions = ClcaOptions()
     dtype: Dtype = jnp.float32
 
     @property
     def num_patches(self) -> int:
         return (self.img_size // self.backbone.patch_size) ** 2
+
+    @property
+    def num_registers(self) -> int:
+        return self.clca.num_clr
+
+    def token_schedule(self, train: bool = False) -> TokenSchedule:
+        """The per-block token counts this model runs with in the given mode."""
+        return cached_schedule(
+            self.backbone.depth, self.num_patches, self.reduction, self.clca, train
+        )
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
@@ -245,18 +273,92 @@ class VisionTransformer(nn.Module):
 
         Args:
           images: float32 NHWC [B, img_size, img_size, 3], already normalised.
-          train: training mode (dropout-free here; later layers use it for batch statistics).
+          train: training mode: batch statistics in the CLA head, DynamicViT's masked
+            training pass. DPC-KNN and DynamicViT draw from the `reduction` RNG stream
+            (`rngs={'reduction': key}`; without it DPC-KNN adds no density noise).
 
         Returns:
-          logits [B, num_classes] and a dict of intermediates.
+          logits [B, num_classes] and `aux`: `kept` (per reduction stage, what survived),
+          `token_counts` (int [depth, 2]: attention and MLP lengths as traced),
+          `extra_loss` (DynamicViT's ratio loss in training, else 0), `pre_logits` (the
+          features the classifier reads).
         """
-        del train
-        x = self.embed(images)
-        for index in range(self.backbone.depth):
-            x, _ = Block(self.backbone, dtype=self.dtype, name=f"blocks_{index}")(x)
-        x = nn.LayerNorm(epsilon=self.backbone.ln_eps, dtype=jnp.float32, name="norm")(x)
-        features = x[:, 0]
-        return self.classifier(features), {"pre_logits": features}
+        schedule = self.token_schedule(train)
+        method = METHODS[self.reduction.method]
+        tokens = self.initial_tokens(self.embed(images))
+        cache, cls_tokens, kept, losses, counts = [], [], [], [], []
+        for index, plan in enumerate(schedule.blocks):
+            block = Block(self.backbone, dtype=self.dtype, name=f"blocks_{index}")
+            reducer = None
+            if plan.stage is not None and plan.stage.plan.active:
+                reducer = self.make_reducer(method, plan.stage)
+            if reducer is not None and method.placement == "before":
+                tokens = self.record(reducer(tokens, None, train), kept, losses)
+            policy = tokens.decision if (train and tokens.decision is not None) else None
+            x, attention = block.attend(tokens.x, tokens.attention_bias(), policy)
+            tokens = tokens.replace(x=x)
+            attn_tokens = x.shape[1]
+            if reducer is not None and method.placement == "inside":
+                tokens = self.record(reducer(tokens, attention, train), kept, losses)
+            counts.append((attn_tokens, tokens.length))
+            tokens = tokens.replace(x=block.feed_forward(tokens.x))
+            if plan.recovered:
+                tokens = tokens.append(jnp.concatenate(cache, axis=1), 1.0 if train else 0.0)
+                cache = []
+            if plan.cached:
+                cache.append(
+                    cache_entry(
+                        tokens,
+                        schedule.pool_start,
+                        plan.pool_end,
+                        self.clca.include_gap,
+                        self.clca.num_clr,
+                    )
+                )
+            if plan.collect_cls:
+                cls_tokens.append(tokens.x[:, 0])
+
+        if self.clca.head == "none":
+            x = nn.LayerNorm(epsilon=self.backbone.ln_eps, dtype=jnp.float32, name="norm")(tokens.x)
+            features = x[:, 0]
+            logits = self.classifier(features)
+        else:
+            features = jnp.stack(cls_tokens, axis=1)  # [B, depths, D]
+            head = CLAHead if self.clca.head == "cla" else IFAHead
+            logits = head(self.num_classes, name=f"{self.clca.head}_head")(features, train)
+        extra_loss = jnp.zeros((), jnp.float32)
+        if losses:
+            extra_loss = RATIO_LOSS_WEIGHT * jnp.mean(jnp.stack(losses))
+        aux = {
+            "kept": tuple(kept),
+            "token_counts": jnp.asarray(counts, jnp.int32),
+            "extra_loss": extra_loss,
+            "pre_logits": features,
+        }
+        return logits.astype(jnp.float32), aux
+
+    def make_reducer(self, method, stage) -> nn.Module:
+        """The stage's reduction module, named `reduction_{stage}` (converter relies on it)."""
+        kwargs = {"keep_rate": self.reduction.keep_rate} if method is DynamicViT else {}
+        return method(stage, name=f"reduction_{stage.index}", **kwargs)
+
+    @staticmethod
+    def record(reduced: Reduced, kept: list, losses: list) -> Tokens:
+        kept.append(reduced.kept)
+        if reduced.loss is not None:
+            losses.append(reduced.loss)
+        return reduced.tokens
+
+    def initial_tokens(self, x: jax.Array) -> Tokens:
+        """The token state the configured method carries, all neutral at the start."""
+        batch, length = x.shape[:2]
+        method = self.reduction.method
+        return Tokens(
+            x=x,
+            size=jnp.ones((batch, length)) if method == "tome" else None,
+            valid=jnp.ones((batch, length), bool) if method == "ats" else None,
+            decision=jnp.ones((batch, length)) if method == "dynamicvit" else None,
+        )
 
     def classifier(self, features: jax.Array) -> jax.Array:
         """Linear head with PyTorch's default init, as a freshly reset timm head has."""
@@ -307,3 +409,8 @@ class VisionTransformer(nn.Module):
         if arch.pre_norm:
             x = nn.LayerNorm(epsilon=arch.ln_eps, dtype=jnp.float32, name="norm_pre")(x)
         return x
+
+
+@functools.lru_cache(maxsize=64)
+def cached_schedule(depth, num_patches, reduction, clca, train) -> TokenSchedule:
+    return build_schedule(depth, num_patches, reduction, clca, train)

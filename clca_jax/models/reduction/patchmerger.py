@@ -1,0 +1,44 @@
+"""PatchMerger: K learned queries pool all non-CLS tokens (spec 5.8).
+
+Before the block. K_s = int(P * kr**(s+1)), as SiT. `y = LN(x)`; the new tokens are
+`softmax_over_tokens(Q y^T) y` with learned queries Q [K, D] (initialised N(0, 1)).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clca_jax.models.reduction.base import PlanContext, Reduced, Stage, StagePlan, Tokens, split
+from clca_jax.models.reduction.sit import slim_count
+
+
+class PatchMerger(nn.Module):
+    """Query pooling with its own queries and LayerNorm per stage.
+
+    Attributes:
+      stage: the schedule's step; `stage.plan.count` is the number of queries K.
+    """
+
+    stage: Stage
+    placement: ClassVar[str] = "before"
+    official_prefix: ClassVar[str] = "cluster_layers"
+
+    @staticmethod
+    def plan(context: PlanContext) -> StagePlan:
+        count = slim_count(context)
+        return StagePlan(count, 1 + count + context.protected)
+
+    @nn.compact
+    def __call__(self, tokens: Tokens, attention, train: bool) -> Reduced:
+        del attention, train
+        cls, body, suffix = split(tokens.x, self.stage.protected)
+        count = self.stage.plan.count
+        queries = self.param("queries", nn.initializers.normal(1.0), (count, body.shape[-1]))
+        normed = nn.LayerNorm(epsilon=1e-5, name="norm")(body)
+        weights = jax.nn.softmax(jnp.einsum("kd,bsd->bks", queries, normed), axis=-1)
+        merged = jnp.einsum("bks,bsd->bkd", weights, normed)
+        return Reduced(Tokens(x=jnp.concatenate([cls, merged, suffix], axis=1)), weights)

@@ -1,0 +1,54 @@
+"""SiT token slimming: K learned soft groupings of all non-CLS tokens (spec 5.7).
+
+Before the block. K_s = int(P * kr**(s+1)); at K = 0 only the class token remains. Logits
+`Linear(D/2 -> K)(GELU(Linear(D -> D/2)(LN(x))))` are scaled by a learned scalar and
+soft-maxed over the tokens; each new token is the weighted sum of the old ones.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clca_jax.models.initializers import trunc_normal
+from clca_jax.models.reduction.base import PlanContext, Reduced, Stage, StagePlan, Tokens, split
+
+
+def slim_count(context: PlanContext) -> int:
+    return int(context.num_patches * context.compounded())
+
+
+class SiT(nn.Module):
+    """Token slimming with its own layers per stage.
+
+    Attributes:
+      stage: the schedule's step; `stage.plan.count` is the number of new tokens K.
+    """
+
+    stage: Stage
+    placement: ClassVar[str] = "before"
+    official_prefix: ClassVar[str] = "cluster_layers"
+    official_names: ClassVar[dict] = {"norm": "weight.0", "fc1": "weight.1", "fc2": "weight.3"}
+
+    @staticmethod
+    def plan(context: PlanContext) -> StagePlan:
+        count = slim_count(context)
+        return StagePlan(count, 1 + count + context.protected)
+
+    @nn.compact
+    def __call__(self, tokens: Tokens, attention, train: bool) -> Reduced:
+        del attention, train
+        cls, body, suffix = split(tokens.x, self.stage.protected)
+        count = self.stage.plan.count
+        width = body.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (1, 1, 1))
+        # At K = 0 the layers still exist (as in the reference) and produce no token.
+        h = nn.LayerNorm(epsilon=1e-5, name="norm")(body)
+        h = nn.gelu(nn.Dense(width // 2, kernel_init=trunc_normal, name="fc1")(h), False)
+        logits = nn.Dense(count, kernel_init=trunc_normal, name="fc2")(h)
+        weights = jax.nn.softmax(logits * scale, axis=1).transpose(0, 2, 1)  # [B, K, S]
+        merged = jnp.einsum("bks,bsd->bkd", weights, body)
+        return Reduced(Tokens(x=jnp.concatenate([cls, merged, suffix], axis=1)), weights)

@@ -1,0 +1,18 @@
+"""Top-K: EViT without the fused token, `[CLS, kept...]` (the reference code's `topk.py`)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from clca_jax.models.reduction.base import PlanContext, StagePlan
+from clca_jax.models.reduction.evit import EViT, plan_keep
+
+
+class TopK(EViT):
+    """Keeps the most attended tokens and drops the rest (no parameters)."""
+
+    fuse: ClassVar[bool] = False
+
+    @staticmethod
+    def plan(context: PlanContext) -> StagePlan:
+        return plan_keep(context, extra_tokens=0)
