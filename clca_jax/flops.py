@@ -1,0 +1,234 @@
+"""Token schedule and compute cost of a model, in the paper's convention and XLA's.
+
+MACs follow the reference's counter (spec 8): torchprofile on a batch-1 input, reported as
+"GFLOPs" = MACs / 1e9 with no factor 2. It counts matmuls and linear layers (M*K*N),
+convolutions (output elements x input channels per group x kernel), element-wise multiplies
+(q scaling, LayerScale, EViT's weighting, ToMe's size weighting), LayerNorm / BatchNorm
+(output elements) and means (output elements); adds, softmax, GELU, gathers, sorts and sums are
+free. The paper counted ATS models with thop, which skips the attention matmuls; here every
+method uses the torchprofile rules, and ATS lengths are the schedule's upper bounds.
+
+    python -m clca_jax.flops --config=configs/soyglobal.py [--config.model.field=value] [--json]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from clca_jax.models import create_model
+from clca_jax.models.config import validate_model_config
+from clca_jax.models.registry import Backbone
+from clca_jax.models.schedule import ClcaOptions, ReductionOptions, TokenSchedule, build_schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class CostReport:
+    """MACs of one model in evaluation mode.
+
+    Attributes:
+      schedule: the token schedule (evaluation mode).
+      block_macs: MACs of each block, its reduction step included.
+      total_macs: everything: embedding, blocks, cache, head.
+    """
+
+    schedule: TokenSchedule
+    block_macs: tuple[int, ...]
+    total_macs: int
+
+    @property
+    def gmacs(self) -> float:
+        return self.total_macs / 1e9
+
+
+def model_schedule(model_config: ml_collections.ConfigDict, train: bool = False) -> TokenSchedule:
+    """The token schedule of a `model` config, without building the model."""
+    backbone = validate_model_config(model_config)
+    num_patches = (model_config.img_size // backbone.patch_size) ** 2
+    return build_schedule(
+        backbone.depth,
+        num_patches,
+        ReductionOptions(
+            model_config.reduction.method,
+            float(model_config.reduction.keep_rate),
+            tuple(model_config.reduction.locations),
+        ),
+        ClcaOptions(**model_config.clca.to_dict()),
+        train,
+    )
+
+
+def attention_macs(tokens: int, width: int, layer_scale: bool) -> int:
+    """LN1 + qkv + q scaling + q k^T + attn v + projection (+ LayerScale)."""
+    macs = tokens * width + 3 * tokens * width**2 + tokens * width
+    macs += 2 * tokens**2 * width + tokens * width**2
+    return macs + (tokens * width if layer_scale else 0)
+
+
+def mlp_macs(tokens: int, width: int, hidden: int, layer_scale: bool) -> int:
+    """LN2 + fc1 + fc2 (+ LayerScale)."""
+    macs = tokens * width + 2 * tokens * width * hidden
+    return macs + (tokens * width if layer_scale else 0)
+
+
+def reduction_macs(method: str, stage, width: int, heads: int) -> int:
+    """MACs of the reduction step itself (see the module docstring for what counts)."""
+    if stage is None or not stage.plan.active:
+        return 0
+    tokens, count = stage.tokens_in, stage.plan.count
+    body = tokens - 1 - stage.protected
+    if method in ("evit", "topk"):
+        weighting = (body - count) * width if method == "evit" else 0
+        return body + weighting  # head mean of the CLS attention, fused-token weighting
+    if method == "tome":
+        head_dim = width // heads
+        half_a, half_b = (tokens + 1) // 2, tokens // 2
+        return tokens * head_dim + half_a * half_b * head_dim + tokens * width
+    if method == "dpcknn":
+        return body * width + body * width  # score layer, weighted merge
+    if method == "dynamicvit":
+        predictor = body * width + body * width**2 + body * width // 2
+        predictor += body * width * (width // 2) + body * (width // 2) * (width // 4)
+        return predictor + body * (width // 4) * 2
+    if method == "sit":
+        return (
+            body * width
+            + body * width * (width // 2)
+            + body * (width // 2) * count * 2
+            + (count * body * width)
+        )
+    if method == "patchmerger":
+        return body * width + 2 * count * body * width
+    if method == "ats":
+        return heads * body + body  # value-norm weighting of the CLS attention, normalisation
+    return 0
+
+
+def head_macs(model_config: ml_collections.ConfigDict, width: int, last_tokens: int) -> int:
+    classes = model_config.num_classes
+    depths = len(model_config.reduction.locations) + 1
+    head = model_config.clca.head
+    if head == "cla":
+        kernels = 2
+        return (
+            depths * width + kernels * width * depths + kernels * width + classes * kernels * width
+        )
+    if head == "ifa":
+        return width * depths + width + width * classes
+    return last_tokens * width + width * classes  # final LayerNorm on every token + linear head
+
+
+def count_macs(model_config: ml_collections.ConfigDict) -> CostReport:
+    """MACs of one image through the model in evaluation mode (spec 8 convention)."""
+    backbone: Backbone = validate_model_config(model_config)
+    schedule = model_schedule(model_config)
+    width = backbone.embed_dim
+    hidden = int(width * backbone.mlp_ratio)
+    layer_scale = backbone.layer_scale is not None
+    method = model_config.reduction.method
+    first = schedule.blocks[0]
+    total = schedule.num_patches * width * 3 * backbone.patch_size**2
+    if backbone.pre_norm:
+        total += first.attn_tokens * width
+    block_macs = []
+    for plan in schedule.blocks:
+        macs = reduction_macs(method, plan.stage, width, backbone.num_heads)
+        macs += attention_macs(plan.attn_tokens, width, layer_scale)
+        macs += mlp_macs(plan.mlp_tokens, width, hidden, layer_scale)
+        if plan.cached and model_config.clca.include_gap:
+            macs += width  # the GAP token's mean
+        block_macs.append(macs)
+    total += sum(block_macs) + head_macs(model_config, width, schedule.tokens_out)
+    return CostReport(schedule, tuple(block_macs), total)
+
+
+def xla_flops(model_config: ml_collections.ConfigDict) -> float | None:
+    """XLA's FLOP count of the compiled batch-1 evaluation forward (None if unavailable)."""
+    model = create_model(model_config)
+    size = model_config.img_size
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    forward = jax.jit(lambda v, x: model.apply(v, x)[0])
+    analysis = forward.lower(variables, images).compile().cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops is not None else None
+
+
+def report_dict(model_config: ml_collections.ConfigDict, with_xla: bool = True) -> dict:
+    """The JSON form: `gmacs`, `blocks` (attention / MLP tokens per block) and XLA's count."""
+    cost = count_macs(model_config)
+    result = {
+        "gmacs": cost.gmacs,
+        "blocks": [
+            {"attn_tokens": plan.attn_tokens, "mlp_tokens": plan.mlp_tokens}
+            for plan in cost.schedule.blocks
+        ],
+        "block_gmacs": [macs / 1e9 for macs in cost.block_macs],
+        "tokens_out": cost.schedule.tokens_out,
+    }
+    if cost.schedule.empty_gap_blocks:
+        result["warning"] = (
+            f"the cache's GAP token averages nothing after block "
+            f"{cost.schedule.empty_gap_blocks[0]}; this model cannot be built"
+        )
+    elif with_xla:
+        flops = xla_flops(model_config)
+        result["xla_gflops"] = flops / 1e9 if flops is not None else None
+    return result
+
+
+def format_table(model_config: ml_collections.ConfigDict, result: dict) -> str:
+    """The human-readable table of a `report_dict`."""
+    reduction = model_config.reduction
+    lines = [
+        f"{model_config.backbone} at {model_config.img_size}px, reduction {reduction.method} "
+        f"(keep rate {reduction.keep_rate}, blocks {tuple(reduction.locations)}), "
+        f"CLCA head {model_config.clca.head}, cache {'on' if model_config.clca.clc else 'off'}",
+        f"{'block':>5} {'attn tokens':>12} {'mlp tokens':>11} {'GMACs':>8}",
+    ]
+    for index, (block, gmacs) in enumerate(
+        zip(result["blocks"], result["block_gmacs"], strict=True)
+    ):
+        lines.append(
+            f"{index:>5} {block['attn_tokens']:>12} {block['mlp_tokens']:>11} {gmacs:>8.3f}"
+        )
+    lines.append(f"total: {result['gmacs']:.2f} GMACs (torchprofile convention, batch 1)")
+    if result.get("xla_gflops") is not None:
+        lines.append(
+            f"XLA: {result['xla_gflops']:.2f} GFLOPs = {result['xla_gflops'] / 2:.2f} G "
+            "multiply-adds (counts every op, softmax and GELU included)"
+        )
+    if "warning" in result:
+        lines.append("warning: " + result["warning"])
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    del argv
+    from absl import flags
+
+    config = flags.FLAGS.config
+    result = report_dict(config.model, with_xla=not flags.FLAGS.skip_xla)
+    if flags.FLAGS.json:
+        print(json.dumps(result))
+    else:
+        print(format_table(config.model, result))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file (its `model` section is used).")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+    flags.DEFINE_bool("skip_xla", False, "Do not compile the model for XLA's count.")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
+    sys.exit(0)
