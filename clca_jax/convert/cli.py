@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 import time
 
@@ -26,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help=".pth/.pt/.bin/.safetensors file")
     parser.add_argument(
-        "--model", required=True, help="timm name, e.g. vit_base_patch16_224.orig_in21k"
+        "--model", default=None, help="timm name, e.g. vit_base_patch16_224.orig_in21k"
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="config file (optionally PATH:variant) whose `model` section describes the target: "
+        "reduction method, keep rate, CLCA head and cache (official CLCA checkpoints)",
     )
     parser.add_argument("--out", required=True, help="output directory (must not exist yet)")
     parser.add_argument(
@@ -49,24 +57,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of freshly created parameters")
     parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="also unpickle Python objects stored beside the tensors (trusted files only)",
+    )
+    parser.add_argument(
         "--verify", action="store_true", help="compare logits with the timm model (needs torch)"
     )
     return parser
 
 
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file; `PATH:variant` passes the variant (e.g. `tiny`)."""
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} not found.")
+    module_spec = importlib.util.spec_from_file_location("clca_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def checkpoint_classes(state: dict, head: str) -> int | None:
+    """Classes of the checkpoint's classifier for the model's head, if it has one."""
+    key = "head.weight" if head == "none" else "ifa_head.0.4.weight"
+    return int(state[key].shape[0]) if key in state else None
+
+
 def model_config_from_args(args: argparse.Namespace, state: dict) -> ml_collections.ConfigDict:
-    """The target model config: CLI values, else the backbone's and the checkpoint's."""
-    config = default_model_config()
-    config.backbone = args.model
-    config.img_size = args.img_size or get_backbone(args.model).img_size
+    """The target model config: CLI values, else the config file's, the checkpoint's and the
+    backbone's."""
+    if args.config:
+        config = load_config_file(args.config).model
+    elif args.model:
+        config = default_model_config()
+    else:
+        raise ValueError("give --model (a timm name) or --config (a config file).")
+    if args.model:
+        config.backbone = args.model
+        if args.img_size is None and not args.config:
+            config.img_size = get_backbone(args.model).img_size
+    if args.img_size is not None:
+        config.img_size = args.img_size
     for field in ("embed_dim", "depth", "num_heads"):
         if getattr(args, field) is not None:
             config[field] = getattr(args, field)
+    stored = checkpoint_classes(state, config.clca.head)
     if args.num_classes is not None:
         config.num_classes = args.num_classes
-    elif "head.weight" in state:
-        config.num_classes = int(state["head.weight"].shape[0])
-    else:
+    elif stored is not None:
+        config.num_classes = stored
+    elif not args.config:
         config.num_classes = 1000
     return config
 
@@ -76,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         print(f"reading {args.checkpoint}", flush=True)
-        state = load_state_dict(args.checkpoint)
+        state = load_state_dict(args.checkpoint, trust_pickle=args.trust_pickle)
         timm_state = openclip_to_timm(state) if is_openclip(state) else state
         config = model_config_from_args(args, timm_state)
         print(

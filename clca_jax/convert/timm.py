@@ -58,11 +58,13 @@ class ConversionReport:
 # Reading checkpoints
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
+def load_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     """Reads a `.safetensors`, `.pth`, `.pt` or `.bin` state dict as float32 NumPy arrays.
 
     A dict holding the state dict under `model` or `state_dict` (training checkpoints) is
-    unwrapped. `.pth`/`.bin` need PyTorch (`pip install clca_jax[torch]`).
+    unwrapped. `.pth`/`.bin` need PyTorch (`pip install clca_jax[torch]`). Only tensors and
+    plain containers are unpickled unless `trust_pickle` (training checkpoints that also store
+    Python objects such as argparse namespaces; use only for files you trust).
     """
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
@@ -72,11 +74,11 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         except Exception as error:  # safetensors raises its own untyped errors
             raise ConversionError(f"Cannot read {path} as safetensors: {error}") from error
     else:
-        state = _load_torch_file(path)
+        state = _load_torch_file(path, trust_pickle)
     return {key: np.asarray(value, dtype=np.float32) for key, value in state.items()}
 
 
-def _load_torch_file(path: str) -> Mapping:
+def _load_torch_file(path: str, trust_pickle: bool) -> Mapping:
     try:
         import torch
     except ImportError as error:
@@ -85,9 +87,17 @@ def _load_torch_file(path: str) -> Mapping:
             "(or convert the file to .safetensors first)."
         ) from error
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as error:  # torch raises many types for truncated or foreign files
-        raise ConversionError(f"Cannot read {path} as a PyTorch checkpoint: {error}") from error
+        hint = ""
+        if "weights_only" in str(error) and not trust_pickle:
+            hint = (
+                " The file holds Python objects besides tensors (e.g. training arguments); if "
+                "you trust it, convert with --trust-pickle."
+            )
+        raise ConversionError(
+            f"Cannot read {path} as a PyTorch checkpoint: {str(error).splitlines()[0]}{hint}"
+        ) from error
     for wrapper in ("model", "state_dict"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
