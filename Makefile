@@ -22,8 +22,8 @@ $(VENV)/.full: $(VENV)/.core
 
 setup: $(VENV)/.full
 
-demo: $(VENV)/.full
-	$(PYTHON) tools/demo_convert.py --out demo_out
+demo: $(VENV)/.core
+	$(PYTHON) -m clca_jax.main --config=configs/demo.py --workdir=demo_out/demo
 
 test: $(VENV)/.full
 	@$(PYTHON) -m pytest -q; status=$$?; \

@@ -1,0 +1,176 @@
+"""Evaluates a trained workdir or a converted model directory on a split.
+
+    # a training workdir (its saved config; the latest checkpoint, or --checkpoint=best)
+    python -m clca_jax.evaluate --workdir=runs/demo
+    # a converted model directory (tools/convert_timm_weights.py --out DIR): the data, eval
+    # and mesh sections come from a config file
+    python -m clca_jax.evaluate --workdir=pretrained/clca_soyglobal \
+        --config=configs/soyglobal.py --config.data.dir=/data/soyglobal
+
+It prints the summary that training writes to `summary.json` (top-1, top-5, loss, GMACs,
+parameters, images/s, config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from clca_jax import data, pretrained, train
+from clca_jax.models import create_model
+from clca_jax.training import checkpoint, sharding
+from clca_jax.training import metrics as metrics_lib
+from clca_jax.training.config import config_from_dict, parse_flags, validate_config
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A training workdir or a converted model directory.", required=True
+)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file: required for a converted model directory; for a workdir its "
+    "data, eval and mesh sections replace the saved ones.",
+)
+_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: data.eval_split).")
+_CHECKPOINT = flags.DEFINE_enum(
+    "checkpoint", "latest", ["latest", "best"], "Which checkpoint of a training workdir."
+)
+
+
+def is_converted_model(directory: str) -> bool:
+    return os.path.isdir(os.path.join(directory, pretrained.VARIABLES_DIR))
+
+
+def evaluate_directory(
+    directory: str,
+    config: ml_collections.ConfigDict | None = None,
+    split: str | None = None,
+    which: str = "latest",
+) -> dict:
+    """Evaluates the model in `directory` and returns the summary.
+
+    Args:
+      directory: a training workdir or a converted model directory.
+      config: for a converted model, the config whose data/eval/mesh sections to use
+        (required); for a workdir, optional replacement of those sections.
+      split: the split to evaluate; default `config.data.eval_split`.
+      which: `latest` or `best` checkpoint of a training workdir.
+
+    Raises:
+      FileNotFoundError: `directory` is neither kind, or lacks its checkpoint.
+      ValueError: the config is invalid, or the model's classes do not fit the data.
+    """
+    directory = os.path.abspath(os.path.expanduser(directory))
+    if is_converted_model(directory):
+        if config is None:
+            raise ValueError(
+                f"{directory} is a converted model; pass --config (e.g. configs/soyglobal.py) "
+                "to say which data to evaluate it on."
+            )
+        config, source = _converted_config(directory, config), "converted"
+    elif os.path.isdir(os.path.join(directory, checkpoint.LATEST_DIR)):
+        config, source = _workdir_config(directory, config), which
+    else:
+        raise FileNotFoundError(
+            f"{directory} is neither a training workdir (no {checkpoint.LATEST_DIR}/) nor a "
+            f"converted model directory (no {pretrained.VARIABLES_DIR}/)."
+        )
+    if split:
+        config.data.eval_split = split
+    validate_config(config)
+    sharding.initialize_distributed()
+    metrics_lib.quiet_checkpoint_logs()
+    mesh = sharding.make_mesh(_mesh_for_this_machine(config.mesh))
+    sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+    _check_classes(config)
+    model = create_model(config.model)
+    variables, step = _load_variables(directory, source, config, model, mesh)
+    eval_fn = train.compile_eval_step(model, sharding.tree_shardings(variables, mesh), mesh)
+    loader = train.make_eval_loader(config, config.model.img_size)
+    result = train.evaluate(eval_fn, variables, loader, mesh, train.eval_key(config.seed))
+    return train.make_summary(
+        result, config, variables["params"], model_dir=directory, checkpoint=source, step=step
+    )
+
+
+def _workdir_config(directory: str, override) -> ml_collections.ConfigDict:
+    path = os.path.join(directory, train.CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; was {directory} written by clca_jax.main?")
+    with open(path) as f:
+        config = config_from_dict(json.load(f))
+    if override is not None:
+        for section in ("data", "eval", "mesh"):
+            config[section] = override[section]
+    return config
+
+
+def _converted_config(directory: str, config) -> ml_collections.ConfigDict:
+    with open(os.path.join(directory, pretrained.CONFIG_FILE)) as f:
+        model_config = pretrained.model_config_from_dict(json.load(f))
+    config = config.copy_and_resolve_references()
+    config.model = model_config
+    config.init.checkpoint = ""
+    return config
+
+
+def _mesh_for_this_machine(mesh_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The configured mesh, or all devices on `data` when the run was trained on a device
+    count this machine does not have (evaluation needs no particular layout)."""
+    try:
+        sharding.mesh_shape(mesh_config, jax.device_count())
+        return mesh_config
+    except ValueError as error:
+        logging.info("%s Evaluating with all devices on data instead.", error)
+        return ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+
+
+def _check_classes(config) -> None:
+    info = data.dataset_info(config.data)
+    if info.num_classes != config.model.num_classes:
+        raise ValueError(
+            f"the model has {config.model.num_classes} classes but the training split of "
+            f"data.name={config.data.name!r} has {info.num_classes}; evaluate it on the data it "
+            "was trained or converted for."
+        )
+
+
+def _load_variables(directory, source, config, model, mesh) -> tuple[dict, int | None]:
+    """The model variables on the mesh, and the training step they come from."""
+    if source == "converted":
+        _, variables = pretrained.load_pretrained(directory)
+        host = jax.tree.map(jax.device_get, variables)
+        return sharding.host_to_global(host, sharding.tree_shardings(host, mesh)), None
+    # The optimizer's schedule does not change the state's structure, so one step per epoch
+    # serves to build the restore target.
+    tx, _ = train.make_optimizer(config, steps_per_epoch=1)
+    abstract = train.abstract_train_state(model, tx, config.model.img_size, config.seed, mesh)
+    checkpoints = checkpoint.Checkpoints(directory, read_only=True)
+    try:
+        if source == "best":
+            step = checkpoints.best_step()
+            return checkpoints.restore_best(abstract.variables()), step
+        step = checkpoints.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{directory}/{checkpoint.LATEST_DIR} holds no checkpoint.")
+        state, _ = checkpoints.restore(abstract, step)
+        return state.variables(), step
+    finally:
+        checkpoints.close()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    summary = evaluate_directory(_WORKDIR.value, _CONFIG.value, _SPLIT.value, _CHECKPOINT.value)
+    logging.info(train.summary_line(summary))
+    print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,33 @@
+"""Trains and evaluates a model as a config file says.
+
+    python -m clca_jax.main --config=configs/demo.py --workdir=runs/demo
+    python -m clca_jax.main --config=configs/soyglobal.py --workdir=runs/soyglobal \
+        --config.data.dir=/data/soyglobal --config.model.reduction.keep_rate=0.1
+
+Every config field can be set on the command line (`--config.FIELD=VALUE`); a field the config
+does not have is an error. Rerunning with the same workdir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from clca_jax import train
+from clca_jax.training.config import parse_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, e.g. configs/demo.py.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,135 @@
+"""Checkpoints of a training workdir, written with orbax.
+
+Layout:
+
+    WORKDIR/checkpoints/<step>/state      the TrainState (step, params, batch_stats,
+                                          opt_state, base RNG key), one array file per leaf
+    WORKDIR/checkpoints/<step>/loader     the train loader's `get_state()` (JSON)
+    WORKDIR/best/<step>/variables         params (+ batch_stats) of the best evaluation
+    WORKDIR/best/<step>/metrics           its evaluation metrics (orbax keeps the best top-1)
+
+`checkpoints/` keeps the newest `max_to_keep` saves and is what a restarted run resumes from;
+`best/` keeps one. Arrays are restored onto whatever shardings the caller's abstract tree
+carries, so a checkpoint written on 8 devices restores on 1 and vice versa.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+LATEST_DIR = "checkpoints"
+BEST_DIR = "best"
+BEST_METRIC = "top1"
+
+
+class Checkpoints:
+    """The latest and best checkpoints of one workdir.
+
+    Attributes:
+      workdir: the run's directory.
+    """
+
+    def __init__(
+        self, workdir: str, max_to_keep: int = 2, keep_best: bool = True, read_only: bool = False
+    ):
+        """Opens (or, unless `read_only`, creates) the checkpoint folders of `workdir`."""
+        self.workdir = os.path.abspath(workdir)
+        access = {"create": not read_only, "read_only": read_only}
+        self._latest = ocp.CheckpointManager(
+            os.path.join(self.workdir, LATEST_DIR),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **access),
+        )
+        self._best = None
+        if keep_best:
+            self._best = ocp.CheckpointManager(
+                os.path.join(self.workdir, BEST_DIR),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=1, best_fn=lambda m: m[BEST_METRIC], best_mode="max", **access
+                ),
+            )
+
+    def latest_step(self) -> int | None:
+        """Step of the newest resumable checkpoint, or None."""
+        return self._latest.latest_step()
+
+    def save(self, step: int, state, loader_state: dict) -> None:
+        """Saves the train state and the input position (asynchronously; skip if present)."""
+        if step in self._latest.all_steps():
+            return
+        self._latest.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader_state)
+            ),
+        )
+
+    def restore(self, abstract_state, step: int | None = None):
+        """The train state and loader state at `step` (default: the latest).
+
+        Args:
+          abstract_state: a TrainState of `jax.ShapeDtypeStruct`s with shardings.
+          step: which checkpoint; None for the latest.
+
+        Returns:
+          (state, loader_state).
+        """
+        step = self.latest_step() if step is None else step
+        restored = self._latest.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), loader=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], restored["loader"]
+
+    def save_best(self, step: int, variables: dict, metrics: dict[str, float]) -> None:
+        """Offers an evaluated model; orbax keeps it if its top-1 is the best so far."""
+        if self._best is None or step in self._best.all_steps():
+            return
+        self._best.save(
+            step,
+            args=ocp.args.Composite(variables=ocp.args.StandardSave(variables)),
+            metrics={k: float(v) for k, v in metrics.items()},
+        )
+
+    def best_step(self) -> int | None:
+        """Step of the best evaluated model, or None."""
+        return None if self._best is None else self._best.best_step()
+
+    def restore_best(self, abstract_variables: dict) -> dict:
+        """The variables of the best evaluated model onto the given shardings."""
+        step = self.best_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"{os.path.join(self.workdir, BEST_DIR)} holds no checkpoint; the run has not "
+                "been evaluated yet. Use the latest checkpoint instead."
+            )
+        restored = self._best.restore(
+            step,
+            args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables)),
+        )
+        return restored["variables"]
+
+    def wait(self) -> None:
+        """Blocks until pending saves are on disk."""
+        self._latest.wait_until_finished()
+        if self._best is not None:
+            self._best.wait_until_finished()
+
+    def close(self) -> None:
+        self.wait()
+        self._latest.close()
+        if self._best is not None:
+            self._best.close()
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs of `tree`'s leaves on `shardings` (restore targets)."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        tree,
+        shardings,
+    )

@@ -1,0 +1,209 @@
+"""The training config: every field with its default, and the one up-front validation.
+
+A config is an `ml_collections.ConfigDict` grouped as `data`, `model`, `init`, `optim`,
+`train`, `eval`, `checkpoint` and `mesh`, plus `seed`. `default_config()` holds every field a
+user may set, with the reference recipe (spec 6.1) as defaults; `configs/common.py` starts from
+it. `validate_config` checks a config once, before any device, file or compile is touched, and
+says which field is wrong, the value it saw and what it accepts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+
+import ml_collections
+from absl import flags
+
+from clca_jax.data import default_data_config, validate_data_config
+from clca_jax.models import create_model, default_model_config
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every training field, with spec 6.1's recipe as the defaults.
+
+    Returns:
+      A ConfigDict. `optim`: AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.05 off for 1-D
+      parameters, biases and embeddings), a learning rate stepped per epoch: linear warm-up from
+      `warmup_lr` over `warmup_epochs`, cosine from `lr` to `min_lr` until `epochs -
+      cooldown_epochs`, then `min_lr`. `train`: 50 epochs of batch 32. `eval`: batch 48, only
+      after the last epoch (`every_epochs=0`). `mesh`: all devices on `data` (`-1`).
+    """
+    return ml_collections.ConfigDict(
+        {
+            "seed": 1,
+            "data": default_data_config("csv"),
+            "model": default_model_config(),
+            "init": {"checkpoint": ""},
+            "optim": {
+                "lr": 1e-4,
+                "weight_decay": 0.05,
+                "b1": 0.9,
+                "b2": 0.999,
+                "eps": 1e-8,
+                "warmup_epochs": 2,
+                "warmup_lr": 1e-6,
+                "min_lr": 1e-5,
+                "cooldown_epochs": 5,
+                "grad_clip_norm": 0.0,
+            },
+            "train": {"epochs": 50, "batch_size": 32, "log_every_steps": 50},
+            "eval": {"batch_size": 48, "every_epochs": 0},
+            "checkpoint": {"every_steps": 1000, "max_to_keep": 2, "keep_best": True},
+            "mesh": {"data": -1, "fsdp": 1},
+        }
+    )
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks a whole training config; reads no data and starts no device.
+
+    Raises:
+      ValueError: a field is unknown, missing, of the wrong type or out of range (the data
+        section raises `clca_jax.data.DataError`, a ValueError).
+    """
+    _check_fields(config, default_config(), "config")
+    validate_data_config(config.data)
+    create_model(config.model)  # checks every model field and the token schedule; cheap
+    _check_optim(config.optim)
+    _check_positive(config.train, ("epochs", "batch_size", "log_every_steps"), "train")
+    _check_positive(config.eval, ("batch_size",), "eval")
+    _check_non_negative(config.eval, ("every_epochs",), "eval")
+    _check_non_negative(config.checkpoint, ("every_steps",), "checkpoint")
+    _check_positive(config.checkpoint, ("max_to_keep",), "checkpoint")
+    _check_mesh(config.mesh)
+    _check_init(config.init)
+    if config.optim.warmup_epochs + config.optim.cooldown_epochs > config.train.epochs:
+        raise ValueError(
+            f"optim.warmup_epochs ({config.optim.warmup_epochs}) + optim.cooldown_epochs "
+            f"({config.optim.cooldown_epochs}) exceed train.epochs ({config.train.epochs}); "
+            "shorten the warm-up or cool-down, or train longer."
+        )
+
+
+def _check_fields(
+    config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str
+) -> None:
+    """Unknown and missing fields, compared with `default_config()`, recursively."""
+    for key in config.keys():
+        if key not in reference:
+            close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+            hint = f" Did you mean {prefix}.{close[0]}?" if close else ""
+            raise ValueError(
+                f"{prefix}.{key} is not a known config field (known: "
+                f"{', '.join(sorted(reference.keys()))}).{hint}"
+            )
+    for key in reference.keys():
+        if key not in config:
+            raise ValueError(
+                f"{prefix}.{key} is missing; start configs from "
+                "clca_jax.training.config.default_config() (configs/common.py does)."
+            )
+        if isinstance(reference[key], ml_collections.ConfigDict):
+            if not isinstance(config[key], ml_collections.ConfigDict):
+                raise ValueError(f"{prefix}.{key} must be a section, got {config[key]!r}.")
+            _check_fields(config[key], reference[key], f"{prefix}.{key}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_positive(section: ml_collections.ConfigDict, fields: tuple[str, ...], name: str):
+    for field in fields:
+        value = section[field]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}.{field} must be a positive integer, got {value!r}.")
+
+
+def _check_non_negative(section: ml_collections.ConfigDict, fields: tuple[str, ...], name: str):
+    for field in fields:
+        value = section[field]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name}.{field} must be an integer >= 0, got {value!r}.")
+
+
+def _check_optim(optim: ml_collections.ConfigDict) -> None:
+    for field in ("lr", "warmup_lr", "min_lr", "weight_decay", "eps", "grad_clip_norm"):
+        value = optim[field]
+        if not _is_number(value) or value < 0:
+            raise ValueError(f"optim.{field} must be a number >= 0, got {value!r}.")
+    if optim.lr <= 0:
+        raise ValueError(f"optim.lr must be > 0, got {optim.lr!r}.")
+    for field in ("b1", "b2"):
+        value = optim[field]
+        if not _is_number(value) or not 0 <= value < 1:
+            raise ValueError(f"optim.{field} must be in [0, 1), got {value!r}.")
+    _check_non_negative(optim, ("warmup_epochs", "cooldown_epochs"), "optim")
+
+
+def _check_mesh(mesh: ml_collections.ConfigDict) -> None:
+    for field in ("data", "fsdp"):
+        value = mesh[field]
+        if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
+            raise ValueError(
+                f"mesh.{field} must be a positive device count or -1 (all remaining devices), "
+                f"got {value!r}."
+            )
+    if mesh.data == -1 and mesh.fsdp == -1:
+        raise ValueError("mesh.data and mesh.fsdp are both -1; at most one axis can take the rest.")
+
+
+def _check_init(init: ml_collections.ConfigDict) -> None:
+    path = init.checkpoint
+    if not isinstance(path, str):
+        raise ValueError(f"init.checkpoint must be a directory path or '', got {path!r}.")
+    if path and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+        raise ValueError(
+            f"init.checkpoint={path!r} is not a converted model directory (no config.json in "
+            "it). Convert weights with tools/convert_timm_weights.py --out DIR, or set "
+            "--config.init.checkpoint='' to train from scratch."
+        )
+
+
+def config_from_dict(values: dict) -> ml_collections.ConfigDict:
+    """A training config from plain values (a workdir's config.json), typed by the defaults.
+
+    Raises:
+      ValueError: a field is unknown to this version.
+    """
+    config = default_config()
+    _merge(config, values, "config")
+    return config
+
+
+def _merge(target: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+    for key, value in values.items():
+        if key not in target:
+            raise ValueError(f"{prefix}.{key} in the saved config is not a known field.")
+        if isinstance(target[key], ml_collections.ConfigDict):
+            _merge(target[key], value, f"{prefix}.{key}")
+        elif isinstance(target[key], tuple) and isinstance(value, list):
+            target[key] = tuple(value)
+        else:
+            target[key] = value
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing that turns an override of a field the config lacks
+    (`--config.train.epoch=3`) into a one-line error instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as error:
+        overrides = [arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")]
+        print(
+            f"FATAL Flags parsing error: one of {overrides} names a field the config does not "
+            f"have ({_innermost_message(error)}). The config file's get_config() lists the "
+            "fields; overrides cannot add new ones.",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+def _innermost_message(error: BaseException) -> str:
+    """ml_collections wraps the KeyError of the missing field in an AttributeError."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    return message.replace("\n", " ")

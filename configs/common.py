@@ -1,0 +1,66 @@
+"""The paper's main setting, shared by the five leaf-dataset configs (spec 0 and 6.1).
+
+ViT-B/16 CLIP (laion2b) at 448 px, EViT keeping 10 % of the tokens at blocks 3, 6 and 9, and
+CLCA: the CLA head plus the cross-layer cache with one CLR token. Training follows the
+reference: AdamW at 1e-4 with weight decay 0.05, 50 epochs of batch 32 (2 warm-up, cosine to
+1e-5, 5 cool-down), evaluation on the test split after the last epoch.
+
+The weights come from a converted CLIP checkpoint:
+
+    python tools/convert_timm_weights.py --checkpoint open_clip_vit_b16_laion2b.bin \
+        --model vit_base_patch16_clip_224.laion2b --img-size 448 \
+        --out pretrained/vit_base_patch16_clip_224.laion2b_448
+
+The dataset configs call `get_config` and set the data and class count. On GPUs and TPUs add
+`--config.model.dtype=bfloat16`. Appending `:tiny` to a config path (`configs/soygene.py:tiny`)
+shrinks model, images, batch and schedule so any config runs on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from clca_jax.training.config import default_config
+
+PRETRAINED = "pretrained/vit_base_patch16_clip_224.laion2b_448"
+VARIANTS = ("tiny",)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The shared setting; `arg` is None for the paper's sizes or `tiny` for a laptop run."""
+    config = default_config()
+    config.seed = 1
+    config.init.checkpoint = PRETRAINED
+
+    config.model.backbone = "vit_base_patch16_clip_224.laion2b"
+    config.model.img_size = 448
+    config.model.reduction.method = "evit"
+    config.model.reduction.keep_rate = 0.1
+    config.model.reduction.locations = (3, 6, 9)
+    config.model.clca.head = "cla"
+    config.model.clca.clc = True
+    config.model.clca.num_clr = 1
+
+    if arg == "tiny":
+        make_tiny(config)
+    elif arg:
+        raise ValueError(f"unknown config variant {arg!r}; use one of {VARIANTS} or none.")
+    return config
+
+
+def make_tiny(config: ml_collections.ConfigDict) -> None:
+    """Shrinks a config to seconds on a CPU: a 5-block width-32 ViT at 64 px (16 patches, enough
+    for every reduction method) from scratch, batch 4, one epoch, no warm-up or cool-down."""
+    config.init.checkpoint = ""
+    config.model.img_size = 64
+    config.model.embed_dim = 32
+    config.model.depth = 5
+    config.model.num_heads = 2
+    config.model.reduction.locations = (1, 2)
+    config.optim.warmup_epochs = 0
+    config.optim.cooldown_epochs = 0
+    config.train.epochs = 1
+    config.train.batch_size = 4
+    config.train.log_every_steps = 1
+    config.eval.batch_size = 4
+    config.checkpoint.every_steps = 0

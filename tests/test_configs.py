@@ -1,0 +1,96 @@
+"""The experiment configs: the paper's setting, the exact commands, one step on each dataset."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from clca_jax import train
+from clca_jax.data import ufgir
+from clca_jax.training import sharding
+from clca_jax.training.config import validate_config
+from tests.data_fixtures import fabricate
+from tests.test_train_loop import build, compilation_cache  # noqa: F401
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = {"soygene": 1110, "soylocal": 200, "soyageing": 198, "soyglobal": 1938, "cotton": 80}
+
+
+def load(name: str, arg: str | None = None):
+    return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_dataset_configs_hold_the_papers_main_setting(name):
+    config = load(name)
+    assert config.data.name == name and config.model.num_classes == CLASSES[name]
+    assert (config.data.train_split, config.data.eval_split) == ("train_val", "test")
+    model = config.model
+    assert (model.backbone, model.img_size) == ("vit_base_patch16_clip_224.laion2b", 448)
+    assert (model.reduction.method, model.reduction.keep_rate) == ("evit", 0.1)
+    assert tuple(model.reduction.locations) == (3, 6, 9)
+    assert (model.clca.head, model.clca.clc, model.clca.num_clr) == ("cla", True, 1)
+    assert (config.optim.lr, config.optim.weight_decay, config.seed) == (1e-4, 0.05, 1)
+    assert (config.train.epochs, config.train.batch_size, config.eval.batch_size) == (50, 32, 48)
+    assert (config.optim.warmup_epochs, config.optim.cooldown_epochs) == (2, 5)
+
+
+@pytest.mark.parametrize("name", [*sorted(CLASSES), "demo"])
+def test_docstring_holds_the_command_that_runs_the_config(name):
+    doc = importlib.import_module(f"configs.{name}").__doc__
+    assert f"python -m clca_jax.main --config=configs/{name}.py --workdir=runs/{name}" in doc
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+@pytest.mark.usefixtures("compilation_cache")
+def test_dataset_config_runs_one_step_on_fabricated_data(name, tmp_path):
+    manual = str(tmp_path / "manual")
+    fabricate.leaf_dataset(manual, name, ufgir.LEAF_DATASETS[name].image_folder, per_class=4)
+    config = load(name, "tiny")
+    config.data.update(dir=manual, tfds_dir=str(tmp_path / "tfds"), check_published_counts=False)
+    validate_config(config)
+    mesh, inputs, model, tx, schedule, state = build(config, str(tmp_path))
+    assert inputs.info.num_classes == 3
+    step_fn = train.compile_train_step(
+        model, tx, schedule, sharding.tree_shardings(state, mesh), mesh
+    )
+    batch = sharding.global_batch(next(inputs.train), sharding.batch_sharding(mesh))
+    state, step_metrics = step_fn(state, batch)
+    assert int(state.step) == 1
+    assert np.isfinite(float(step_metrics.compute()["loss"]))
+
+
+def test_demo_config_is_valid_and_small():
+    config = load("demo")
+    validate_config(config)
+    assert config.data.name == "demo" and config.init.checkpoint == ""
+    model = train.create_model(config.model)
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    )
+    assert train.count_parameters(variables["params"]) < 2_000_000
+
+
+def test_unknown_variant_and_unknown_override_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="unknown config variant 'big'"):
+        load("soygene", "big")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clca_jax.main",
+            "--config=configs/demo.py",
+            f"--workdir={tmp_path}",
+            "--config.train.epoch=3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "--config.train.epoch" in done.stderr and 'Did you mean "epochs"' in done.stderr
