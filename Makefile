@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint bench setup clean
 
 # Core install: the library and its run-time dependencies.
 $(VENV)/.core: pyproject.toml
@@ -30,9 +30,13 @@ test: $(VENV)/.full
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; \
 	exit $$status
 
+bench: $(VENV)/.full
+	$(PYTHON) tools/benchmark.py --config=configs/soyglobal.py --methods=none,evit \
+		--keep_rates=0.1,0.7 --batch_size=8 --out=bench_out --torch
+
 lint: $(VENV)/.full
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out bench_out

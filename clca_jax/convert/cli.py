@@ -72,6 +72,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     path, _, variant = spec.partition(":")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path} not found.")
+    # Config files import their siblings as `configs.<name>`: make their parent importable.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
     module_spec = importlib.util.spec_from_file_location("clca_config_file", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

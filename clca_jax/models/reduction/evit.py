@@ -22,7 +22,6 @@ from clca_jax.models.reduction.base import (
     StagePlan,
     Tokens,
     gather_tokens,
-    split,
     top_k_stable,
 )
 
@@ -53,15 +52,20 @@ def keep_attended(
     Returns:
       The new sequence and the kept positions [B, keep] in output order.
     """
-    cls, body, suffix = split(x, protected)
-    scores = cls_attention[:, 1 : 1 + body.shape[1]]
-    order = top_k_stable(scores, keep)
-    parts = [cls, gather_tokens(body, order)]
+    length = x.shape[1]
+    end = length - protected
+    scores = cls_attention[:, 1:end]
+    positions = top_k_stable(scores, keep) + 1  # in the whole sequence (CLS = 0)
+    # Indexing the whole sequence (not a sliced copy) keeps this step cheap.
+    parts = [x[:, :1], gather_tokens(x, positions)]
     if fuse:
-        dropped = jnp.ones_like(scores).at[jnp.arange(scores.shape[0])[:, None], order].set(0.0)
-        parts.append(jnp.einsum("bn,bnd->bd", dropped * scores, body)[:, None])
-    parts.append(suffix)
-    return jnp.concatenate(parts, axis=1), order + 1
+        # Weights over the whole sequence: the dropped tokens' scores, zero elsewhere. The
+        # membership comes from one-hot sums, not a scatter (much faster on CPU).
+        kept = jax.nn.one_hot(positions, length, dtype=scores.dtype).sum(axis=1)
+        weights = jnp.pad(scores, ((0, 0), (1, protected))) * (1.0 - kept)
+        parts.append(jnp.einsum("bn,bnd->bd", weights, x)[:, None])
+    parts.append(x[:, end:])
+    return jnp.concatenate(parts, axis=1), positions
 
 
 class EViT(nn.Module):

@@ -1,0 +1,337 @@
+"""Throughput, compile time, MACs and memory of token reduction methods, beside PyTorch timm.
+
+    python tools/benchmark.py --config=configs/soyglobal.py --methods=none,evit \\
+        --keep_rates=0.1,0.7 --batch_size=8 --out=bench_out [--torch]
+
+Each (method, keep rate) runs in its own process, so peak memory and compile counts are its
+own. Times are medians of `--repeats` runs after a warm-up, with the device synchronised; the
+input batch is already on the device. Inference is the evaluation forward; training is one
+AdamW step (forward, backward, update, donated state). `peak_fraction` is the achieved
+2 x MACs per second over the dense matmul peak measured in the same run. With `--torch`, the
+timm model of the same backbone and size (no reduction) is timed on the same inputs and threads.
+
+Writes `OUT/benchmark.csv` (one row per framework, method, keep rate and mode) and
+`OUT/benchmark.png` (images/s and GMACs against keep rate), and prints the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+# The configs import each other as `configs.*`, from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+config_flags.DEFINE_config_file("config", "configs/soyglobal.py", "Config whose `model` is timed.")
+flags.DEFINE_list("methods", ["none", "evit"], "Reduction methods to time.")
+flags.DEFINE_list("keep_rates", ["0.1", "0.7"], "Keep rates (ignored for method none).")
+flags.DEFINE_integer("batch_size", 8, "Images per step.")
+flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported).")
+flags.DEFINE_list("modes", ["inference", "train"], "What to time.")
+flags.DEFINE_string("out", "bench_out", "Output directory.")
+flags.DEFINE_bool("torch", False, "Also time the PyTorch timm model (needs the torch extra).")
+flags.DEFINE_string("worker", None, "Internal: run one measurement described by this JSON.")
+FLAGS = flags.FLAGS
+
+COLUMNS = [
+    "framework", "method", "keep_rate", "mode", "images_per_s", "compile_s", "gmacs",
+    "xla_gflops", "peak_fraction", "peak_rss_gib", "traces",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements (run inside a worker process)
+
+
+def median_seconds(run, repeats: int) -> float:
+    """Median wall time of `run()` (which must block until the device is done)."""
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(repeats: int) -> float:
+    """Dense float32 matmul FLOP/s of this device (the best of a few sizes)."""
+    import jax
+    import jax.numpy as jnp
+
+    best = 0.0
+    for size in (1024, 2048):
+        a = jnp.ones((size, size), jnp.float32)
+        matmul = jax.jit(lambda x, y: x @ y)
+        seconds = median_seconds(lambda: matmul(a, a).block_until_ready(), repeats)
+        best = max(best, 2 * size**3 / seconds)
+    return best
+
+
+def jax_measurement(spec: dict) -> list[dict]:
+    """Times one model config in the modes asked for; returns one row per mode."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from clca_jax.flops import count_macs
+    from clca_jax.models import create_model
+    from clca_jax.pretrained import model_config_from_dict
+
+    config = model_config_from_dict(spec["model"])
+    model = create_model(config)
+    batch, size = spec["batch_size"], config.img_size
+    images = jnp.asarray(
+        np.random.default_rng(0).standard_normal((batch, size, size, 3)), jnp.float32
+    )
+    labels = jnp.zeros((batch,), jnp.int32)
+    rngs = {"params": jax.random.key(0), "reduction": jax.random.key(1)}
+    variables = jax.jit(model.init)(rngs, images[:1])
+    gmacs = count_macs(config).gmacs
+    peak = matmul_peak_flops(spec["repeats"])
+    traces = {"inference": 0, "train": 0}
+
+    def forward(variables, images):
+        traces["inference"] += 1
+        return model.apply(variables, images, rngs={"reduction": jax.random.key(2)})[0]
+
+    optimizer = optax.adamw(1e-4, weight_decay=0.05)
+
+    def train_step(state, images, labels):
+        traces["train"] += 1
+        params, extra, opt_state = state
+
+        def loss_fn(params):
+            (logits, aux), updates = model.apply(
+                {"params": params, **extra}, images, train=True,
+                rngs={"reduction": jax.random.key(3)}, mutable=list(extra),
+            )  # fmt: skip
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss + aux["extra_loss"], updates
+
+        grads, updates = jax.grad(loss_fn, has_aux=True)(params)
+        changes, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, changes), updates, opt_state
+
+    rows = []
+    for mode in spec["modes"]:
+        if mode == "inference":
+            function = jax.jit(forward)
+            arguments = (variables, images)
+        else:
+            params = variables["params"]
+            extra = {k: v for k, v in variables.items() if k != "params"}
+            function = jax.jit(train_step, donate_argnums=0)
+            arguments = ((params, extra, optimizer.init(params)), images, labels)
+        start = time.perf_counter()
+        compiled = function.lower(*arguments).compile()
+        compile_s = time.perf_counter() - start
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        xla_flops = float((analysis or {}).get("flops", float("nan")))
+        if mode == "inference":
+            seconds = median_seconds(
+                lambda: function(*arguments).block_until_ready(), spec["repeats"]
+            )
+        else:
+            state = [arguments[0]]
+
+            def step():
+                state[0] = function(state[0], images, labels)
+                jax.block_until_ready(state[0])
+
+            seconds = median_seconds(step, spec["repeats"])
+        # Training does about 3x the forward's multiply-adds (forward + two for backward).
+        model_flops = 2 * gmacs * 1e9 * batch * (3 if mode == "train" else 1)
+        rows.append(
+            {
+                "framework": "jax",
+                "method": spec["method"],
+                "keep_rate": spec["keep_rate"],
+                "mode": mode,
+                "images_per_s": batch / seconds,
+                "compile_s": compile_s,
+                "gmacs": gmacs,
+                "xla_gflops": xla_flops / batch / 1e9,
+                "peak_fraction": model_flops / seconds / peak,
+                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "traces": traces[mode],
+            }
+        )
+    return rows
+
+
+def torch_measurement(spec: dict) -> list[dict]:
+    """The timm model of the same backbone and size, no reduction, eager PyTorch."""
+    import torch
+
+    from clca_jax.convert.verify import build_timm_model
+    from clca_jax.pretrained import model_config_from_dict
+
+    torch.set_num_threads(os.cpu_count())
+    config = model_config_from_dict(spec["model"])
+    model = build_timm_model(config)
+    batch, size = spec["batch_size"], config.img_size
+    images = torch.randn(batch, 3, size, size)
+    labels = torch.zeros(batch, dtype=torch.long)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    rows = []
+    for mode in spec["modes"]:
+        if mode == "inference":
+            model.eval()
+
+            def run():
+                with torch.no_grad():
+                    model(images)
+
+        else:
+            model.train()
+
+            def run():
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+
+        seconds = median_seconds(run, spec["repeats"])
+        rows.append(
+            {
+                "framework": "torch",
+                "method": "none",
+                "keep_rate": 1.0,
+                "mode": mode,
+                "images_per_s": batch / seconds,
+                "compile_s": 0.0,
+                "gmacs": float("nan"),
+                "xla_gflops": float("nan"),
+                "peak_fraction": float("nan"),
+                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "traces": 0,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration (parent process)
+
+
+def specs(model_config) -> list[dict]:
+    """One worker spec per (method, keep rate)."""
+    result = []
+    for method in FLAGS.methods:
+        rates = [1.0] if method == "none" else [float(rate) for rate in FLAGS.keep_rates]
+        for keep_rate in rates:
+            model = model_config.copy_and_resolve_references()
+            model.reduction.method = method
+            model.reduction.keep_rate = keep_rate
+            result.append(
+                {
+                    "kind": "jax",
+                    "method": method,
+                    "keep_rate": keep_rate,
+                    "model": model.to_dict(),
+                    "batch_size": FLAGS.batch_size,
+                    "repeats": FLAGS.repeats,
+                    "modes": FLAGS.modes,
+                }
+            )
+    if FLAGS.torch:
+        result.append(dict(result[0], kind="torch", method="none", keep_rate=1.0))
+    return result
+
+
+def run_worker(spec: dict) -> list[dict]:
+    """Runs one spec in a fresh process and returns its rows."""
+    label = f"{spec['kind']} {spec['method']} kr={spec['keep_rate']}"
+    print(f"measuring {label} ...", flush=True)
+    command = [sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(spec)}"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (
+        f"{'framework':<9} {'method':<12} {'kr':>5} {'mode':<9} {'img/s':>8} {'compile s':>9} "
+        f"{'GMACs':>7} {'XLA GF':>7} {'peak %':>7} {'RSS GiB':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row['framework']:<9} {row['method']:<12} {row['keep_rate']:>5} {row['mode']:<9} "
+            f"{row['images_per_s']:>8.2f} {row['compile_s']:>9.1f} {row['gmacs']:>7.2f} "
+            f"{row['xla_gflops']:>7.1f} {100 * row['peak_fraction']:>6.1f}% "
+            f"{row['peak_rss_gib']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: list[dict], path: str) -> bool:
+    """images/s and GMACs against keep rate, one line per method and mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, (speed, cost) = plt.subplots(1, 2, figsize=(10, 4))
+    jax_rows = [row for row in rows if row["framework"] == "jax"]
+    for method in sorted({row["method"] for row in jax_rows}):
+        for mode in sorted({row["mode"] for row in jax_rows}):
+            points = sorted(
+                (row["keep_rate"], row["images_per_s"], row["gmacs"])
+                for row in jax_rows
+                if row["method"] == method and row["mode"] == mode
+            )
+            rates = [p[0] for p in points]
+            speed.plot(rates, [p[1] for p in points], marker="o", label=f"{method} {mode}")
+            if mode == jax_rows[0]["mode"]:
+                cost.plot(rates, [p[2] for p in points], marker="o", label=method)
+    speed.set(xlabel="keep rate", ylabel="images / s", title="throughput")
+    cost.set(xlabel="keep rate", ylabel="GMACs / image", title="compute")
+    speed.legend(fontsize=7)
+    cost.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def main(argv) -> None:
+    del argv
+    if FLAGS.worker:
+        spec = json.loads(FLAGS.worker)
+        rows = torch_measurement(spec) if spec["kind"] == "torch" else jax_measurement(spec)
+        print(json.dumps(rows))
+        return
+    os.makedirs(FLAGS.out, exist_ok=True)
+    rows = []
+    for spec in specs(FLAGS.config.model):
+        rows.extend(run_worker(spec))
+    print(format_table(rows))
+    write_csv(rows, os.path.join(FLAGS.out, "benchmark.csv"))
+    plotted = plot(rows, os.path.join(FLAGS.out, "benchmark.png"))
+    print(f"wrote {FLAGS.out}/benchmark.csv" + (" and benchmark.png" if plotted else ""))
+
+
+if __name__ == "__main__":
+    app.run(main)
