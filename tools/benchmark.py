@@ -17,6 +17,7 @@ Writes `OUT/benchmark.csv` (one row per framework, method, keep rate and mode) a
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import resource
@@ -68,13 +69,33 @@ def matmul_peak_flops(repeats: int) -> float:
     import jax
     import jax.numpy as jnp
 
+    matmul = jax.jit(lambda x, y: x @ y)
     best = 0.0
     for size in (1024, 2048):
-        a = jnp.ones((size, size), jnp.float32)
-        matmul = jax.jit(lambda x, y: x @ y)
-        seconds = median_seconds(lambda: matmul(a, a).block_until_ready(), repeats)
-        best = max(best, 2 * size**3 / seconds)
+        operand = jnp.ones((size, size), jnp.float32)
+        run = functools.partial(synchronised, matmul, operand, operand)
+        best = max(best, 2 * size**3 / median_seconds(run, repeats))
     return best
+
+
+def synchronised(function, *arguments):
+    """Calls `function` and waits for the device."""
+    import jax
+
+    return jax.block_until_ready(function(*arguments))
+
+
+class TrainLoop:
+    """Calls a donated train step repeatedly, feeding each call the previous state."""
+
+    def __init__(self, step, state, images, labels):
+        self.step, self.state, self.images, self.labels = step, state, images, labels
+
+    def __call__(self):
+        import jax
+
+        self.state = self.step(self.state, self.images, self.labels)
+        jax.block_until_ready(self.state)
 
 
 def jax_measurement(spec: dict) -> list[dict]:
@@ -140,17 +161,10 @@ def jax_measurement(spec: dict) -> list[dict]:
         analysis = analysis[0] if isinstance(analysis, list) else analysis
         xla_flops = float((analysis or {}).get("flops", float("nan")))
         if mode == "inference":
-            seconds = median_seconds(
-                lambda: function(*arguments).block_until_ready(), spec["repeats"]
-            )
+            run = functools.partial(synchronised, function, *arguments)
         else:
-            state = [arguments[0]]
-
-            def step():
-                state[0] = function(state[0], images, labels)
-                jax.block_until_ready(state[0])
-
-            seconds = median_seconds(step, spec["repeats"])
+            run = TrainLoop(function, *arguments)
+        seconds = median_seconds(run, spec["repeats"])
         # Training does about 3x the forward's multiply-adds (forward + two for backward).
         model_flops = 2 * gmacs * 1e9 * batch * (3 if mode == "train" else 1)
         rows.append(
