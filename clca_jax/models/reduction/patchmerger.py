@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clca_jax.models.reduction.base import PlanContext, Reduced, Stage, StagePlan, Tokens, split
-from clca_jax.models.reduction.sit import slim_count
+from clca_jax.models.reduction.base import Reduced, Stage, Tokens, split
+from clca_jax.models.reduction.sit import plan_slim
 
 
 class PatchMerger(nn.Module):
@@ -27,10 +27,7 @@ class PatchMerger(nn.Module):
     placement: ClassVar[str] = "before"
     official_prefix: ClassVar[str] = "cluster_layers"
 
-    @staticmethod
-    def plan(context: PlanContext) -> StagePlan:
-        count = slim_count(context)
-        return StagePlan(count, 1 + count + context.protected)
+    plan: ClassVar = staticmethod(plan_slim)
 
     @nn.compact
     def __call__(self, tokens: Tokens, attention, train: bool) -> Reduced:

@@ -17,8 +17,10 @@ from clca_jax.models.initializers import trunc_normal
 from clca_jax.models.reduction.base import PlanContext, Reduced, Stage, StagePlan, Tokens, split
 
 
-def slim_count(context: PlanContext) -> int:
-    return int(context.num_patches * context.compounded())
+def plan_slim(context: PlanContext) -> StagePlan:
+    """K_s = int(P * kr**(s+1)) new tokens after CLS (shared with PatchMerger)."""
+    count = int(context.num_patches * context.compounded())
+    return StagePlan(count, 1 + count + context.protected)
 
 
 class SiT(nn.Module):
@@ -33,10 +35,7 @@ class SiT(nn.Module):
     official_prefix: ClassVar[str] = "cluster_layers"
     official_names: ClassVar[dict] = {"norm": "weight.0", "fc1": "weight.1", "fc2": "weight.3"}
 
-    @staticmethod
-    def plan(context: PlanContext) -> StagePlan:
-        count = slim_count(context)
-        return StagePlan(count, 1 + count + context.protected)
+    plan: ClassVar = staticmethod(plan_slim)
 
     @nn.compact
     def __call__(self, tokens: Tokens, attention, train: bool) -> Reduced:
