@@ -6,11 +6,16 @@
 
 Every config field can be set on the command line (`--config.FIELD=VALUE`); a field the config
 does not have is an error. Rerunning with the same workdir resumes from its latest checkpoint.
+
+On SIGTERM (a preemption notice) the run saves a checkpoint at the next step and exits with
+status 0 (`PREEMPTED_EXIT_CODE`); rerun the same command to continue.
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clca_jax import train
@@ -21,12 +26,17 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
 flags.mark_flags_as_required(["config", "workdir"])
+PREEMPTED_EXIT_CODE = 0
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except train.Preempted as preempted:
+        logging.warning("%s", preempted)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,13 @@ carries the base key `fold_in(key(seed), 1)` and step `s` draws its token-reduct
 `fold_in(base, s)`, so a resumed run repeats the uninterrupted one; evaluation batch `i` uses
 `fold_in(fold_in(key(seed), 2), i)`. The data order and augmentation are the loader's, seeded
 with the same seed and resumed from its saved position.
+
+Interruptions lose nothing but the steps since the last checkpoint: a killed run restarted with
+the same command resumes from its latest complete checkpoint and ends with the parameters and
+metrics of an uninterrupted run; SIGTERM (a preemption notice) makes the run save at the next
+step and stop (`Preempted`; `clca_jax.main` then exits with status 0). A step whose loss or
+gradient is not finite changes nothing; `train.on_nonfinite` says whether the run then stops
+(`NonFiniteError`, before anything else is saved) or goes on.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -26,6 +35,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from clca_jax import data, pretrained
 from clca_jax.models import create_model
@@ -40,6 +50,28 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 INIT_REPORT_FILE = "init.txt"
 TENSORBOARD_DIR = "tensorboard"
+# Test hook: `step:N` or `save:N` makes the run SIGKILL itself there (see `_test_kill_point`).
+TEST_KILL_ENV = "CLCA_TEST_KILL_AT"
+
+
+class Preempted(Exception):
+    """Training stopped at a preemption notice (SIGTERM) after saving a checkpoint.
+
+    Attributes:
+      step: the step saved; rerunning the same command continues from it.
+    """
+
+    def __init__(self, step: int, workdir: str):
+        self.step = step
+        super().__init__(
+            f"preempted (SIGTERM): saved step {step} in {workdir} and stopped; rerun the same "
+            "command to continue."
+        )
+
+
+class NonFiniteError(FloatingPointError):
+    """A train step's loss or gradient was NaN or infinite and `train.on_nonfinite='stop'`."""
+
 
 # ----------------------------------------------------------------------------------------------
 # Input.
@@ -296,18 +328,34 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule):
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1,
+    updated = state.replace(
         params=optax.apply_updates(state.params, updates),
         batch_stats=batch_stats,
         opt_state=opt_state,
     )
-    step_metrics = metrics_lib.TrainMetrics.single_from_model_output(
-        loss=loss,
-        learning_rate=schedule(state.step),
-        **metrics_lib.top_k_correct(logits, batch["label"]),
+    what = nonfinite_what(loss, grads)
+    # A bad step changes nothing but the step count, so the data and noise streams stay aligned.
+    kept = jax.tree.map(lambda new, old: jnp.where(what < 0, new, old), updated, state)
+    new_state = kept.replace(step=state.step + 1)
+    step_metrics = metrics_lib.train_step_metrics(
+        loss, schedule(state.step), logits, batch["label"], new_state.step, what
     )
     return new_state, step_metrics
+
+
+def nonfinite_what(loss, grads) -> jax.Array:
+    """-1 when the loss and every gradient are finite; else 0 when the loss is not, or `i + 1`
+    for the first gradient leaf `i` (in `jax.tree.leaves` order) that is not."""
+    finite = jnp.stack(
+        [jnp.isfinite(loss).all()] + [jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]
+    )
+    return jnp.where(finite.all(), -1, jnp.argmin(finite)).astype(jnp.int32)
+
+
+def leaf_names(tree) -> list[str]:
+    """'/'-joined paths of a tree's leaves, in `jax.tree.leaves` order."""
+    paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return ["/".join(str(getattr(key, "key", key)) for key in path) for path, _ in paths]
 
 
 def eval_step(variables: dict, batch: dict, index, rng, *, model):
@@ -379,6 +427,54 @@ def measure_throughput(step_fn, variables, batch, rng, repeats: int = 3) -> floa
 # Loop.
 
 
+class PreemptionNotice:
+    """SIGTERM, the notice a preemptible machine gets, asks the loop to save and stop.
+
+    With one process, a handler (installed while the object is entered) sets a flag that the
+    loop reads after each step. With several, JAX's preemption service, started by
+    `jax.distributed.initialize`, catches the signal and lets all processes agree on the step
+    at which they save together.
+    """
+
+    def __init__(self):
+        self.received = False
+        self._installed = False
+        self._previous = None
+
+    def __enter__(self) -> PreemptionNotice:
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._installed:
+            previous = signal.SIG_DFL if self._previous is None else self._previous
+            signal.signal(signal.SIGTERM, previous)
+            self._installed = False
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received = True  # only a flag: a handler must not log or block
+
+    def reached(self, step: int) -> bool:
+        """Whether to save at `step` (steps done) and stop."""
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received
+
+
+def _test_kill_point(phase: str, step: int) -> None:
+    """Test hook, unset in real runs: `CLCA_TEST_KILL_AT=step:N` SIGKILLs this process right
+    after train step N, `save:N` right after the save of step N has started (orbax is then
+    writing it in the background), `term:N` sends it SIGTERM after step N; so the tests
+    interrupt runs at reproducible points."""
+    hook = os.environ.get(TEST_KILL_ENV)
+    if hook == f"{phase}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if phase == "step" and hook == f"term:{step}":
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 @dataclasses.dataclass
 class Run:
     """What the loop needs besides the state.
@@ -391,6 +487,8 @@ class Run:
       checkpoints: the workdir's checkpoints.
       writer: TensorBoard writer.
       total_steps: steps of the whole run.
+      param_names: parameter paths, to name a non-finite gradient.
+      preemption: tells the loop when to save and stop.
     """
 
     config: ml_collections.ConfigDict
@@ -400,6 +498,8 @@ class Run:
     checkpoints: checkpoint.Checkpoints
     writer: metrics_lib.MetricWriter
     total_steps: int
+    param_names: list[str]
+    preemption: PreemptionNotice
 
 
 def train_loop(run: Run, state: TrainState, mesh) -> TrainState:
@@ -414,15 +514,49 @@ def train_loop(run: Run, state: TrainState, mesh) -> TrainState:
         state, step_metrics = run.train_step(state, batch)
         running = metrics_lib.merge(running, step_metrics)
         done = step + 1
+        _test_kill_point("step", done)
         if done % config.train.log_every_steps == 0 or done == run.total_steps:
+            check_finite(run, running)
             report_train(run, progress, done, loader.steps_per_epoch, running)
             running = None
         if eval_every and done % eval_every == 0 and done < run.total_steps:
             evaluate_and_keep_best(run, state, done)
         every = config.checkpoint.every_steps
-        if (every and done % every == 0) or done == run.total_steps:
+        preempted = run.preemption.reached(done)
+        if (every and done % every == 0) or done == run.total_steps or preempted:
+            if running is not None and config.train.on_nonfinite == "stop":
+                check_finite(run, running)  # never save past a bad step
             run.checkpoints.save(done, state, loader.get_state())
+            _test_kill_point("save", done)
+        if preempted:
+            raise Preempted(done, run.checkpoints.workdir)
     return state
+
+
+def check_finite(run: Run, running) -> None:
+    """Acts on the first non-finite step among the running metrics, if any: a warning with
+    `train.on_nonfinite='skip'`, else `NonFiniteError` naming the step and the quantity."""
+    record = metrics_lib.first_nonfinite(running)
+    if record is None:
+        return
+    step, what, count = record
+    quantity = "the loss" if what == 0 else f"the gradient of {run.param_names[what - 1]}"
+    if run.config.train.on_nonfinite == "skip":
+        logging.warning(
+            "step %d: %s is not finite; skipped it (%d such step(s) since the last report, "
+            "train.on_nonfinite='skip').",
+            step,
+            quantity,
+            count,
+        )
+        return
+    latest = run.checkpoints.latest_step()
+    kept = "no checkpoint was written" if latest is None else f"checkpoint {latest} is intact"
+    raise NonFiniteError(
+        f"step {step}: {quantity} is not finite (NaN or inf); training stopped without saving "
+        f"({kept}; train.on_nonfinite='stop'). Lower optim.lr, set optim.grad_clip_norm, check "
+        "the input data, or pass --config.train.on_nonfinite=skip to skip such steps."
+    )
 
 
 def report_train(run: Run, progress, step: int, steps_per_epoch: int, running) -> None:
@@ -451,6 +585,25 @@ def evaluate_and_keep_best(run: Run, state: TrainState, step: int) -> dict[str, 
     )
     run.checkpoints.save_best(step, state.variables(), scalars)
     return result
+
+
+def check_same_model(path: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses a workdir whose saved config (at `path`) describes another model: its
+    checkpoints cannot continue this one."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        before = _flat(json.load(f).get("model", {}), "model.")
+    now = _flat(json.loads(config.to_json())["model"], "model.")
+    changed = {k: (before.get(k), now.get(k)) for k in before.keys() | now.keys()}
+    changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+    if changed:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise ValueError(
+            f"{os.path.dirname(path)} holds a run of another model ({listed}); nothing was "
+            "changed. Use a new --workdir for this model, or the saved model settings to "
+            "resume that run."
+        )
 
 
 def warn_if_config_changed(path: str, config: ml_collections.ConfigDict) -> None:
@@ -510,20 +663,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Returns:
       The summary dict.
+
+    Raises:
+      Preempted: SIGTERM arrived; the run saved a checkpoint and stopped.
+      NonFiniteError: a step was not finite and `train.on_nonfinite='stop'`.
+      ValueError, OSError: the config, the workdir, a checkpoint or the data is unusable;
+        these are raised before anything in the workdir is changed, except data errors
+        found while training, which leave the earlier checkpoints as they were.
     """
     validate_config(config)
     sharding.initialize_distributed()
     metrics_lib.quiet_checkpoint_logs()
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    checkpoint.check_writable(workdir)
     # Mesh.
     mesh = sharding.make_mesh(config.mesh)
     logging.info("Mesh %s over %d device(s).", dict(mesh.shape), mesh.size)
     # Input.
     inputs = make_input(config, mesh)
     config = resolve_config(config, inputs.info.num_classes)
-    warn_if_config_changed(os.path.join(workdir, CONFIG_FILE), config)
-    metrics_lib.write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()))
+    check_same_model(os.path.join(workdir, CONFIG_FILE), config)
     # Model.
     model = create_model(config.model)
     # Optimizer.
@@ -533,9 +692,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoints = checkpoint.Checkpoints(
         workdir, config.checkpoint.max_to_keep, config.checkpoint.keep_best
     )
-    writer = metrics_lib.MetricWriter(os.path.join(workdir, TENSORBOARD_DIR))
+    writer = None
     try:
         state = restore_or_create_state(config, model, tx, mesh, checkpoints, inputs.train, workdir)
+        # Written only now, so a refused restart leaves the workdir as it was.
+        warn_if_config_changed(os.path.join(workdir, CONFIG_FILE), config)
+        metrics_lib.write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()))
+        writer = metrics_lib.MetricWriter(os.path.join(workdir, TENSORBOARD_DIR))
         logging.info(
             "%s: %d parameters, %d classes, %d steps (%d epochs of %d).",
             config.model.backbone,
@@ -557,15 +720,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             checkpoints=checkpoints,
             writer=writer,
             total_steps=total_steps,
+            param_names=leaf_names(state.params),
+            preemption=PreemptionNotice(),
         )
         # Loop.
         start = time.perf_counter()
-        state = train_loop(run, state, mesh)
+        with run.preemption:
+            state = train_loop(run, state, mesh)
         train_seconds = time.perf_counter() - start
         result = evaluate_and_keep_best(run, state, total_steps)
     finally:
         checkpoints.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     summary = make_summary(
         result, config, state.params, steps=total_steps, train_seconds=train_seconds
     )

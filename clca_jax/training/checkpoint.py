@@ -11,11 +11,16 @@ Layout:
 `checkpoints/` keeps the newest `max_to_keep` saves and is what a restarted run resumes from;
 `best/` keeps one. Arrays are restored onto whatever shardings the caller's abstract tree
 carries, so a checkpoint written on 8 devices restores on 1 and vice versa.
+
+A save is atomic: orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only
+once every file is complete, so a run killed during a save leaves a temporary folder that no
+restore picks up; opening the folders (not read-only) deletes such leftovers.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 
 import jax
 import orbax.checkpoint as ocp
@@ -37,7 +42,11 @@ class Checkpoints:
     ):
         """Opens (or, unless `read_only`, creates) the checkpoint folders of `workdir`."""
         self.workdir = os.path.abspath(workdir)
-        access = {"create": not read_only, "read_only": read_only}
+        access = {
+            "create": not read_only,
+            "read_only": read_only,
+            "cleanup_tmp_directories": not read_only,
+        }
         self._latest = ocp.CheckpointManager(
             os.path.join(self.workdir, LATEST_DIR),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **access),
@@ -77,13 +86,27 @@ class Checkpoints:
           (state, loader_state).
         """
         step = self.latest_step() if step is None else step
-        restored = self._latest.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), loader=ocp.args.JsonRestore()
-            ),
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), loader=ocp.args.JsonRestore()
         )
+        try:
+            restored = self._latest.restore(step, args=args)
+        except Exception as error:  # orbax raises assorted types for damaged or foreign files
+            raise ValueError(self._unreadable(step, error)) from error
         return restored["state"], restored["loader"]
+
+    def _unreadable(self, step: int, error: Exception) -> str:
+        folder = os.path.join(self.workdir, LATEST_DIR, str(step))
+        earlier = [s for s in self._latest.all_steps() if s < step]
+        instead = (
+            f"to resume from step {max(earlier)}" if earlier else "to start this run from scratch"
+        )
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (
+            f"cannot restore checkpoint {folder}: {type(error).__name__}: {reason[:300]}. Its "
+            "files are damaged or belong to another model. Nothing was changed; delete that "
+            f"folder {instead}, or use a new --workdir."
+        )
 
     def save_best(self, step: int, variables: dict, metrics: dict[str, float]) -> None:
         """Offers an evaluated model; orbax keeps it if its top-1 is the best so far."""
@@ -124,6 +147,28 @@ class Checkpoints:
         self._latest.close()
         if self._best is not None:
             self._best.close()
+
+
+def check_writable(workdir: str) -> None:
+    """Creates `workdir/checkpoints` and writes and deletes a probe file in it, so that a
+    directory the run cannot write is reported before any data is read or anything compiled.
+
+    Raises:
+      OSError: the folder cannot be created or written; says which and why.
+    """
+    folder = os.path.join(os.path.abspath(workdir), LATEST_DIR)
+    probe = os.path.join(folder, f".write_probe.{socket.gethostname()}.{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("probe\n")
+        os.remove(probe)
+    except OSError as error:
+        raise OSError(
+            f"cannot write checkpoints to {folder}: {error.strerror or error} "
+            f"({type(error).__name__}). Nothing was trained. Point --workdir at a writable "
+            "directory with free space."
+        ) from error
 
 
 def abstract_like(tree, shardings):

@@ -10,6 +10,7 @@ says which field is wrong, the value it saw and what it accepts.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import sys
 
@@ -18,6 +19,8 @@ from absl import flags
 
 from clca_jax.data import default_data_config, validate_data_config
 from clca_jax.models import create_model, default_model_config
+
+ON_NONFINITE = ("stop", "skip")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -29,6 +32,9 @@ def default_config() -> ml_collections.ConfigDict:
       `warmup_lr` over `warmup_epochs`, cosine from `lr` to `min_lr` until `epochs -
       cooldown_epochs`, then `min_lr`. `train`: 50 epochs of batch 32. `eval`: batch 48, only
       after the last epoch (`every_epochs=0`). `mesh`: all devices on `data` (`-1`).
+      `train.on_nonfinite`: what a step whose loss or gradient is NaN or infinite does:
+      `stop` (the run stops, naming the step and the quantity, without saving) or `skip` (the
+      step leaves the model unchanged and the run goes on); either way no bad update is applied.
     """
     return ml_collections.ConfigDict(
         {
@@ -48,7 +54,12 @@ def default_config() -> ml_collections.ConfigDict:
                 "cooldown_epochs": 5,
                 "grad_clip_norm": 0.0,
             },
-            "train": {"epochs": 50, "batch_size": 32, "log_every_steps": 50},
+            "train": {
+                "epochs": 50,
+                "batch_size": 32,
+                "log_every_steps": 50,
+                "on_nonfinite": "stop",
+            },
             "eval": {"batch_size": 48, "every_epochs": 0},
             "checkpoint": {"every_steps": 1000, "max_to_keep": 2, "keep_best": True},
             "mesh": {"data": -1, "fsdp": 1},
@@ -68,6 +79,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     create_model(config.model)  # checks every model field and the token schedule; cheap
     _check_optim(config.optim)
     _check_positive(config.train, ("epochs", "batch_size", "log_every_steps"), "train")
+    _check_choice(config.train, "on_nonfinite", ON_NONFINITE, "train")
     _check_positive(config.eval, ("batch_size",), "eval")
     _check_non_negative(config.eval, ("every_epochs",), "eval")
     _check_non_negative(config.checkpoint, ("every_steps",), "checkpoint")
@@ -110,6 +122,12 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _check_choice(section: ml_collections.ConfigDict, field: str, choices, name: str):
+    value = section[field]
+    if value not in choices:
+        raise ValueError(f"{name}.{field} must be one of {choices}, got {value!r}.")
+
+
 def _check_positive(section: ml_collections.ConfigDict, fields: tuple[str, ...], name: str):
     for field in fields:
         value = section[field]
@@ -127,8 +145,8 @@ def _check_non_negative(section: ml_collections.ConfigDict, fields: tuple[str, .
 def _check_optim(optim: ml_collections.ConfigDict) -> None:
     for field in ("lr", "warmup_lr", "min_lr", "weight_decay", "eps", "grad_clip_norm"):
         value = optim[field]
-        if not _is_number(value) or value < 0:
-            raise ValueError(f"optim.{field} must be a number >= 0, got {value!r}.")
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"optim.{field} must be a finite number >= 0, got {value!r}.")
     if optim.lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {optim.lr!r}.")
     for field in ("b1", "b2"):
@@ -182,7 +200,18 @@ def _merge(target: ml_collections.ConfigDict, values: dict, prefix: str) -> None
         elif isinstance(target[key], tuple) and isinstance(value, list):
             target[key] = tuple(value)
         else:
-            target[key] = value
+            _set_typed(target, key, value, prefix)
+
+
+def _set_typed(target: ml_collections.ConfigDict, key: str, value, prefix: str) -> None:
+    try:
+        target[key] = value
+    except TypeError as error:
+        raise ValueError(
+            f"{prefix}.{key} in the saved config is {value!r}, not a "
+            f"{type(target[key]).__name__} as the field needs; the file was edited or written "
+            "by another version. Fix the value or start a new workdir."
+        ) from error
 
 
 def parse_flags(argv: list[str]) -> list[str]:

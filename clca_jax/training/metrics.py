@@ -21,13 +21,83 @@ TOP_K = 5
 
 
 @flax.struct.dataclass
-class TrainMetrics(metrics.Collection):
-    """Averages over the steps since the last report, and the latest learning rate."""
+class NonFinite(metrics.Metric):
+    """The first step since the last report whose loss or gradient was not finite.
 
-    loss: metrics.Average.from_output("loss")
+    Merging keeps the earlier record, so merge in step order (`merge(total, new)` does).
+
+    Attributes:
+      step: that step, counted from 1 (the step count after it); 0 when all were finite.
+      what: 0 for the loss, `i + 1` for gradient leaf `i` (in `jax.tree.leaves` order).
+      count: how many steps were not finite.
+    """
+
+    step: jax.Array
+    what: jax.Array
+    count: jax.Array
+
+    @classmethod
+    def from_model_output(cls, nonfinite_step, nonfinite_what, **_) -> "NonFinite":
+        bad = nonfinite_what >= 0
+        return cls(
+            step=jnp.where(bad, nonfinite_step, 0).astype(jnp.int32),
+            what=jnp.maximum(nonfinite_what, 0).astype(jnp.int32),
+            count=bad.astype(jnp.int32),
+        )
+
+    def merge(self, other: "NonFinite") -> "NonFinite":
+        earlier = self.count > 0
+        return type(self)(
+            step=jnp.where(earlier, self.step, other.step),
+            what=jnp.where(earlier, self.what, other.what),
+            count=self.count + other.count,
+        )
+
+    def compute(self) -> jax.Array:
+        return jnp.stack([self.step, self.what, self.count])
+
+
+@flax.struct.dataclass
+class FiniteLoss(metrics.Average):
+    """Average of the loss over the steps whose loss and gradients were finite."""
+
+    @classmethod
+    def from_model_output(cls, loss, nonfinite_what, **_) -> "FiniteLoss":
+        finite = nonfinite_what < 0
+        return cls(total=jnp.where(finite, loss, 0.0), count=finite.astype(jnp.int32))
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    """Averages over the steps since the last report, the latest learning rate, and the first
+    non-finite step (see `train_step_metrics` for the inputs)."""
+
+    loss: FiniteLoss
     top1: metrics.Average.from_output("top1")
     top5: metrics.Average.from_output("top5")
     learning_rate: metrics.LastValue.from_output("learning_rate")
+    nonfinite: NonFinite
+
+
+def train_step_metrics(loss, learning_rate, logits, labels, step, nonfinite_what):
+    """The metrics of one train step.
+
+    Args:
+      loss: the step's scalar loss.
+      learning_rate: the learning rate the step used.
+      logits: [batch, classes].
+      labels: [batch] integer labels.
+      step: the step count after this step.
+      nonfinite_what: -1 when loss and gradients were finite, else what was not (see
+        `NonFinite`).
+    """
+    return TrainMetrics.single_from_model_output(
+        loss=loss,
+        learning_rate=learning_rate,
+        nonfinite_step=step,
+        nonfinite_what=nonfinite_what,
+        **top_k_correct(logits, labels),
+    )
 
 
 @flax.struct.dataclass
@@ -56,8 +126,15 @@ def merge(total, new):
 
 
 def to_floats(collection) -> dict[str, float]:
-    """Host floats of a collection's computed values."""
-    return {key: float(value) for key, value in collection.compute().items()}
+    """Host floats of a collection's scalar values (the non-finite record is left out)."""
+    values = collection.compute()
+    return {key: float(value) for key, value in values.items() if key != "nonfinite"}
+
+
+def first_nonfinite(collection) -> tuple[int, int, int] | None:
+    """(step, what, count) of the first non-finite step in a `TrainMetrics`, or None."""
+    step, what, count = (int(v) for v in jax.device_get(collection.nonfinite.compute()))
+    return (step, what, count) if count else None
 
 
 class MetricWriter:

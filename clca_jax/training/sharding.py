@@ -22,11 +22,32 @@ def initialize_distributed() -> None:
     """Joins the other processes when launched on several hosts; a no-op on one host.
 
     Must run before anything touches a device. `jax.distributed.initialize()` finds the
-    coordinator itself on TPU pods, SLURM and Open MPI, or from `JAX_COORDINATOR_ADDRESS`.
+    coordinator itself on TPU pods, SLURM and Open MPI, or from `JAX_COORDINATOR_ADDRESS`
+    together with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (e.g. several processes on one
+    machine). `CLCA_HEARTBEAT_TIMEOUT_SECONDS` (default JAX's 100) bounds how long the others
+    wait for a process that died before they stop with JAX's message that another task died.
     """
     if jax.distributed.is_initialized() or not _launched_on_several_hosts():
         return
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_distributed_settings(os.environ))
+
+
+def _distributed_settings(env) -> dict:
+    """Keyword arguments of `jax.distributed.initialize` given by the environment."""
+    names = {
+        "JAX_NUM_PROCESSES": "num_processes",
+        "JAX_PROCESS_ID": "process_id",
+        "CLCA_HEARTBEAT_TIMEOUT_SECONDS": "heartbeat_timeout_seconds",
+    }
+    settings = {}
+    for variable, argument in names.items():
+        value = env.get(variable)
+        if value is None:
+            continue
+        if not value.isdigit():
+            raise ValueError(f"{variable} must be a whole number, got {value!r}.")
+        settings[argument] = int(value)
+    return settings
 
 
 def _launched_on_several_hosts() -> bool:
