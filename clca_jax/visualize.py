@@ -1,0 +1,595 @@
+"""Pictures of a run: the patches every reduction stage keeps, where the class token looks, and
+accuracy / throughput plots over the workdirs of a sweep.
+
+    # patches kept (dropping methods) or merged (ToMe, DPC-KNN, SiT, PatchMerger) at every
+    # reduction block, one row per run; --index takes an image of the run's evaluation split
+    python -m clca_jax.visualize kept --workdir=runs/demo --index=0 --out=kept.png
+    python -m clca_jax.visualize kept --workdir=runs/evit,runs/tome --image=leaf.png --out=kept.png
+    # the class token's head-mean attention over the patches in one block (default: the last)
+    python -m clca_jax.visualize attention --workdir=runs/demo --image=leaf.png --out=attn.png
+    # top-1 against GMACs and images/s against keep rate, from the runs' summary.json files
+    python -m clca_jax.visualize sweep --workdir=runs/sweep --out=plots
+
+A workdir is a training workdir (`clca_jax.main --workdir`) or a converted model directory
+(`tools/convert_timm_weights.py --out`, which has no data, so it needs --image).
+
+How patches are followed: every reduction stage reports in `aux['kept']` what it did to the
+sequence entering it (see `clca_jax.models.reduction`). `stage_destinations` turns that into
+the output slot of every input token (-1: dropped), and `patch_slots` composes the stages, so
+each patch knows which token holds it after every stage. Tokens that are not patches (class,
+CLR, EViT's fused and the cache's recovered tokens) have no patch, so they never show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import glob
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import matplotlib
+import ml_collections
+import numpy as np
+from matplotlib.figure import Figure
+
+from clca_jax import data, evaluate, pretrained, train
+from clca_jax.data import pipeline, records
+from clca_jax.models import create_model
+from clca_jax.models.reduction import METHODS
+from clca_jax.models.vit import Attention
+from clca_jax.training import sharding
+
+# What each method's `kept` holds (see the method files in clca_jax/models/reduction/).
+KEPT_KIND = {
+    "evit": "positions",  # [B, keep] input positions, in output order after CLS
+    "topk": "positions",
+    "dynamicvit": "positions",  # evaluation mode
+    "tome": "destinations",  # [B, N - protected] output slot of every input token
+    "dpcknn": "clusters",  # [B, n] cluster of the tokens at positions 1..n
+    "ats": "gathered",  # [B, 1 + slots] input position of every output slot, -1 padding
+    "sit": "mixing",  # [B, K, n] weights of the tokens at positions 1..n in each new token
+    "patchmerger": "mixing",
+}
+MERGING = ("tome", "dpcknn", "sit", "patchmerger")
+DIMMED = 0.3  # share of the image left in a dropped patch, blended with DROPPED_COLOR
+DROPPED_COLOR = np.asarray([0.35, 0.35, 0.45], np.float32)
+SUMMARY_FILE = train.SUMMARY_FILE
+ACCURACY_PNG = "accuracy_vs_gmacs.png"
+THROUGHPUT_PNG = "images_per_second_vs_keep_rate.png"
+
+
+# ----------------------------------------------------------------------------------------------
+# Following patches through the reduction stages.
+
+
+def active_stages(model) -> list:
+    """The reduction stages the model runs at evaluation, in block order (one per `kept`)."""
+    blocks = model.token_schedule(train=False).blocks
+    return [plan.stage for plan in blocks if plan.stage is not None and plan.stage.plan.active]
+
+
+def stage_destinations(method: str, stage, kept: np.ndarray) -> np.ndarray:
+    """The output slot of every token entering a reduction stage.
+
+    Args:
+      method: the model's `reduction.method`.
+      stage: the stage (`clca_jax.models.reduction.Stage`) from the token schedule.
+      kept: that stage's `aux['kept']` entry, from an evaluation forward pass.
+
+    Returns:
+      int [B, stage.tokens_in]: the slot in the stage's output sequence of each input token,
+      -1 where the token was dropped (EViT's dropped tokens, fused into one token, count as
+      dropped). Merging methods send several tokens to one slot.
+    """
+    if method not in KEPT_KIND:
+        raise ValueError(f"no token map for reduction.method={method!r}; known: {list(KEPT_KIND)}")
+    kept = np.asarray(kept)
+    batch, length, protected = kept.shape[0], stage.tokens_in, stage.protected
+    end = length - protected
+    dest = np.full((batch, length), -1, np.int64)
+    rows = np.arange(batch)[:, None]
+    kind = KEPT_KIND[method]
+    if kind == "positions":
+        dest[:, 0] = 0
+        dest[rows, kept] = 1 + np.arange(kept.shape[1])
+    elif kind == "destinations":
+        dest[:, :end] = kept
+    elif kind == "clusters":
+        dest[:, 0] = 0
+        dest[:, 1:end] = 1 + kept
+    elif kind == "gathered":
+        slots = np.broadcast_to(np.arange(kept.shape[1]), kept.shape)
+        real = kept >= 0
+        dest[np.broadcast_to(rows, kept.shape)[real], kept[real]] = slots[real]
+    elif kept.shape[1]:  # mixing weights; with no new token everything but CLS is gone
+        dest[:, 0] = 0
+        dest[:, 1:end] = 1 + np.argmax(kept, axis=1)
+    else:
+        dest[:, 0] = 0
+    # The protected suffix (CLR and cache tokens) moves as a block to the end.
+    dest[:, end:] = stage.plan.tokens_out - protected + np.arange(protected)
+    return dest
+
+
+def patch_slots(model, kept: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Which token holds each patch after every reduction stage.
+
+    Args:
+      model: the `VisionTransformer` that produced `kept`.
+      kept: `aux['kept']` of an evaluation forward pass.
+
+    Returns:
+      One int array [B, P] per stage: the patch's slot in the stage's output sequence (the
+      class token is slot 0), or -1 when the patch was dropped.
+    """
+    stages = active_stages(model)
+    if len(stages) != len(kept):
+        raise ValueError(
+            f"the model plans {len(stages)} reduction stages but aux['kept'] has {len(kept)}; "
+            "pass the aux of an evaluation pass (train=False) of this model."
+        )
+    method = model.reduction.method
+    batch = np.asarray(kept[0]).shape[0] if kept else 1
+    slots = np.broadcast_to(1 + np.arange(model.num_patches), (batch, model.num_patches))
+    result = []
+    for stage, stage_kept in zip(stages, kept, strict=True):
+        dest = stage_destinations(method, stage, stage_kept)
+        moved = np.take_along_axis(dest, np.maximum(slots, 0), axis=1)
+        slots = np.where(slots >= 0, moved, -1)
+        result.append(slots)
+    return result
+
+
+def slots_before_block(model, slots: Sequence[np.ndarray], block: int) -> np.ndarray:
+    """Each patch's slot in the sequence that block `block`'s attention sees, [B, P]."""
+    placement = METHODS[model.reduction.method].placement
+    current = np.broadcast_to(1 + np.arange(model.num_patches), (1, model.num_patches))
+    for stage, stage_slots in zip(active_stages(model), slots, strict=True):
+        if stage.block < block or (stage.block == block and placement == "before"):
+            current = stage_slots
+    return current
+
+
+# ----------------------------------------------------------------------------------------------
+# Images and forward passes.
+
+
+def preprocess(record: records.ImageRecord, img_size: int) -> np.ndarray:
+    """The evaluation view of an image as the model sees it: uint8 [S, S, 3]."""
+    pixels = pipeline.resize_square(records.decode_rgb(record), pipeline.resize_size(img_size))
+    return pipeline.center_crop(pixels, img_size)
+
+
+def image_file(path: str, img_size: int) -> np.ndarray:
+    """An image file, resized and centre-cropped as in evaluation; uint8 [S, S, 3]."""
+    with open(path, "rb") as f:
+        return preprocess(records.ImageRecord(f.read(), -1, path), img_size)
+
+
+def dataset_image(data_config: ml_collections.ConfigDict, index: int, img_size: int):
+    """Example `index` of the evaluation split of `data_config`; (uint8 [S, S, 3], label)."""
+    split = data.load_data(data_config).eval
+    if not 0 <= index < len(split):
+        raise IndexError(f"--index={index} is outside the evaluation split (0..{len(split) - 1}).")
+    record = split[index]
+    return preprocess(record, img_size), int(record.label)
+
+
+def model_input(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [S, S, 3] -> the normalised float32 batch [1, S, S, 3] the training loaders make."""
+    normalize = pipeline.Normalizer(data.IMAGENET_MEAN, data.IMAGENET_STD)
+    return normalize(pixels)[None]
+
+
+def _attention_filter(block: int | None):
+    def keep(module, method_name: str) -> bool:
+        return (
+            block is not None
+            and isinstance(module, Attention)
+            and method_name == "__call__"
+            and module.scope.path[:1] == (f"blocks_{block}",)
+        )
+
+    return keep
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_forward(model, attention_block: int | None):
+    """The jitted evaluation pass of a model, compiled once per model and captured block."""
+    return jax.jit(
+        functools.partial(
+            model.apply,
+            train=False,
+            capture_intermediates=_attention_filter(attention_block),
+            mutable=["intermediates"],
+        )
+    )
+
+
+def forward(model, variables: dict, pixels: np.ndarray, attention_block: int | None = None):
+    """One evaluation pass on one image.
+
+    Args:
+      model: a `VisionTransformer`.
+      variables: its variables.
+      pixels: uint8 [S, S, 3] (see `image_file`, `dataset_image`).
+      attention_block: also return this block's attention probabilities.
+
+    Returns:
+      (logits [C], kept: the `aux['kept']` arrays, probs float32 [heads, N, N] or None).
+    """
+    (logits, aux), state = _compiled_forward(model, attention_block)(variables, model_input(pixels))
+    probs = None
+    if attention_block is not None:
+        captured = state["intermediates"][f"blocks_{attention_block}"]["attn"]["__call__"]
+        probs = np.asarray(captured[0][1].probs[0])
+    return np.asarray(logits[0]), [np.asarray(k) for k in aux["kept"]], probs
+
+
+# ----------------------------------------------------------------------------------------------
+# Kept-token maps.
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptTokens:
+    """What one model did to the patches of one image.
+
+    Attributes:
+      label: the row title (method, keep rate).
+      pixels: the image as the model saw it, uint8 [S, S, 3].
+      grid: patches per side.
+      blocks: the block of every reduction stage.
+      slots: per stage, int [P]: the token holding each patch, -1 when dropped.
+      tokens_out: per stage, the sequence length after it.
+      merging: the method merges tokens (patches are coloured by their token).
+    """
+
+    label: str
+    pixels: np.ndarray
+    grid: int
+    blocks: tuple[int, ...]
+    slots: tuple[np.ndarray, ...]
+    tokens_out: tuple[int, ...]
+    merging: bool
+
+
+def model_label(model) -> str:
+    """`evit kr=0.5 + CLCA` style description of a model's reduction setting."""
+    reduction, clca = model.reduction, model.clca
+    label = reduction.method if reduction.method != "none" else "no reduction"
+    if reduction.method != "none":
+        label += f" kr={reduction.keep_rate:g}"
+    if clca.head != "none" or clca.clc:
+        label += " + CLCA"
+    return label
+
+
+def kept_tokens(model, variables: dict, pixels: np.ndarray, label: str | None = None):
+    """Runs the model on one image and follows its patches through the stages (`KeptTokens`)."""
+    _, kept, _ = forward(model, variables, pixels)
+    stages = active_stages(model)
+    return KeptTokens(
+        label=label or model_label(model),
+        pixels=np.asarray(pixels),
+        grid=model.img_size // model.backbone.patch_size,
+        blocks=tuple(stage.block for stage in stages),
+        slots=tuple(s[0] for s in patch_slots(model, kept)),
+        tokens_out=tuple(stage.plan.tokens_out for stage in stages),
+        merging=model.reduction.method in MERGING,
+    )
+
+
+def upsample(grid_values: np.ndarray, size: int) -> np.ndarray:
+    """[g, g, ...] per-patch values -> [size, size, ...], each patch a square block."""
+    patch = size // grid_values.shape[0]
+    return np.repeat(np.repeat(grid_values, patch, axis=0), patch, axis=1)
+
+
+def slot_colors(slots: np.ndarray) -> np.ndarray:
+    """A distinct, stable colour per token: float RGB [P, 3]."""
+    # Golden-ratio steps around the hue circle keep neighbouring token ids apart.
+    hues = np.mod(np.maximum(slots, 0) * 0.618033988749895, 1.0)
+    return matplotlib.colormaps["hsv"](hues)[:, :3]
+
+
+def kept_overlay(pixels: np.ndarray, slots: np.ndarray, grid: int, merging: bool) -> np.ndarray:
+    """The image with dropped patches dimmed and, for merging methods, patches tinted by the
+    token they went to; float RGB [S, S, 3] in 0..1."""
+    image = pixels.astype(np.float32) / 255.0
+    dropped = upsample((slots < 0).reshape(grid, grid), image.shape[0])[..., None]
+    if merging:
+        tint = upsample(slot_colors(slots).reshape(grid, grid, 3), image.shape[0])
+        image = 0.45 * image + 0.55 * tint
+    return np.where(dropped, DIMMED * image + (1 - DIMMED) * DROPPED_COLOR, image)
+
+
+def draw_patch_grid(ax, grid: int, size: int) -> None:
+    """Thin lines between the patches."""
+    for edge in np.arange(1, grid) * (size / grid) - 0.5:
+        ax.axhline(edge, color="white", linewidth=0.4, alpha=0.5)
+        ax.axvline(edge, color="white", linewidth=0.4, alpha=0.5)
+
+
+def stage_title(block: int, slots: np.ndarray, tokens_out: int, merging: bool) -> str:
+    if merging:
+        return f"block {block}: {slots.size} patches -> {len(np.unique(slots[slots >= 0]))} tokens"
+    return f"block {block}: {int(np.sum(slots >= 0))}/{slots.size} patches ({tokens_out} tokens)"
+
+
+def plot_kept_tokens(rows: Sequence[KeptTokens]) -> Figure:
+    """One row per model: the image, then the patches left after each reduction stage."""
+    columns = 1 + max(len(row.blocks) for row in rows)
+    figure = Figure(figsize=(2.4 * columns, 2.6 * len(rows)), layout="constrained")
+    axes = figure.subplots(len(rows), columns, squeeze=False)
+    for axes_row, row in zip(axes, rows, strict=True):
+        axes_row[0].imshow(row.pixels)
+        axes_row[0].set_title(row.label, fontsize=9)
+        for ax, block, slots, tokens_out in zip(
+            axes_row[1:], row.blocks, row.slots, row.tokens_out, strict=False
+        ):
+            ax.imshow(kept_overlay(row.pixels, slots, row.grid, row.merging))
+            draw_patch_grid(ax, row.grid, row.pixels.shape[0])
+            ax.set_title(stage_title(block, slots, tokens_out, row.merging), fontsize=8)
+        for ax in axes_row:
+            ax.set_axis_off()
+    return figure
+
+
+# ----------------------------------------------------------------------------------------------
+# Class-token attention.
+
+
+def cls_attention_map(model, variables: dict, pixels: np.ndarray, block: int | None = None):
+    """Head-mean attention of the class token to every patch in a block.
+
+    A patch inside a merged token gets that token's attention; a dropped patch gets NaN.
+
+    Args:
+      model: a `VisionTransformer`.
+      variables: its variables.
+      pixels: uint8 [S, S, 3].
+      block: the block (default: the last).
+
+    Returns:
+      float32 [g, g] over the patch grid.
+    """
+    depth = model.backbone.depth
+    block = depth - 1 if block is None else block
+    if not 0 <= block < depth:
+        raise ValueError(f"block={block} is outside the model's blocks 0..{depth - 1}.")
+    _, kept, probs = forward(model, variables, pixels, attention_block=block)
+    row = probs.mean(axis=0)[0]  # class-token query, head mean
+    slots = slots_before_block(model, patch_slots(model, kept), block)[0]
+    values = np.where(slots >= 0, row[np.maximum(slots, 0)], np.nan)
+    grid = model.img_size // model.backbone.patch_size
+    return values.reshape(grid, grid).astype(np.float32)
+
+
+def plot_cls_attention(pixels: np.ndarray, attention: np.ndarray, title: str = "") -> Figure:
+    """The image beside the class-token attention drawn over it (dropped patches greyed)."""
+    figure = Figure(figsize=(5.2, 2.8), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    left.imshow(pixels)
+    left.set_title("input", fontsize=9)
+    grid = attention.shape[0]
+    dropped = np.where(np.isnan(attention.reshape(-1)), -1, 0)
+    right.imshow(kept_overlay(pixels, dropped, grid, merging=False))
+    heat = np.ma.masked_invalid(upsample(attention, pixels.shape[0]))
+    shown = right.imshow(heat, cmap="inferno", alpha=0.6)
+    draw_patch_grid(right, grid, pixels.shape[0])
+    right.set_title(title or "CLS attention", fontsize=9)
+    figure.colorbar(shown, ax=right, shrink=0.8)
+    for ax in (left, right):
+        ax.set_axis_off()
+    return figure
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps: summary.json of many runs.
+
+
+def find_summaries(paths: Sequence[str]) -> list[str]:
+    """The summary.json files of run directories, or of the runs directly inside a folder."""
+    found = []
+    for path in paths:
+        own = os.path.join(path, SUMMARY_FILE)
+        if os.path.isfile(own):
+            found.append(own)
+            continue
+        inside = sorted(glob.glob(os.path.join(path, "*", SUMMARY_FILE)))
+        if not inside:
+            raise FileNotFoundError(
+                f"no {SUMMARY_FILE} in {path} or its sub-folders; pass the workdirs of "
+                "finished runs (python -m clca_jax.main writes it at the end)."
+            )
+        found.extend(inside)
+    return found
+
+
+def load_summaries(paths: Sequence[str]) -> list[dict]:
+    """The summaries of runs (see `find_summaries`), each with its `workdir` added."""
+    summaries = []
+    for path in find_summaries(paths):
+        with open(path) as f:
+            summary = json.load(f)
+        summary["workdir"] = os.path.dirname(path)
+        summaries.append(summary)
+    return summaries
+
+
+def summary_setting(summary: dict) -> tuple[str, float]:
+    """(series label, keep rate) of a run: runs differing only in keep rate share a label; a
+    run without reduction has keep rate 1 whatever its config says."""
+    model = summary["config"]["model"]
+    reduction, clca = model["reduction"], model["clca"]
+    label = reduction["method"] if reduction["method"] != "none" else "no reduction"
+    if clca["head"] != "none" or clca["clc"]:
+        label += " + CLCA"
+    keep_rate = float(reduction["keep_rate"]) if reduction["method"] != "none" else 1.0
+    return f"{model['backbone']}: {label}", keep_rate
+
+
+def series(summaries: Sequence[dict], x_key: str, y_key: str) -> dict[str, list]:
+    """Points (x, y, keep rate) per setting label, sorted by x."""
+    grouped: dict[str, list] = {}
+    for summary in summaries:
+        label, keep_rate = summary_setting(summary)
+        x = keep_rate if x_key == "keep_rate" else summary[x_key]
+        grouped.setdefault(label, []).append((x, summary[y_key], keep_rate))
+    return {label: sorted(points) for label, points in sorted(grouped.items())}
+
+
+def _plot_series(grouped: dict, xlabel: str, ylabel: str, annotate: bool) -> Figure:
+    figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = figure.subplots()
+    for label, points in grouped.items():
+        xs, ys, keep_rates = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", label=label)
+        if annotate:
+            for x, y, keep_rate in points:
+                if keep_rate == 1:  # no reduction
+                    continue
+                ax.annotate(f"{keep_rate:g}", (x, y), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return figure
+
+
+def plot_accuracy_vs_gmacs(summaries: Sequence[dict]) -> Figure:
+    """Top-1 against GMACs per image, one line per method (points labelled by keep rate)."""
+    figure = _plot_series(
+        series(summaries, "gmacs", "top1"), "GMACs per image", "top-1 (%)", annotate=True
+    )
+    figure.axes[0].set_title("accuracy vs compute")
+    return figure
+
+
+def plot_throughput_vs_keep_rate(summaries: Sequence[dict]) -> Figure:
+    """Evaluation images/s against keep rate, one line per method."""
+    grouped = series(summaries, "keep_rate", "images_per_second")
+    figure = _plot_series(grouped, "keep rate", "images / s (evaluation)", annotate=False)
+    figure.axes[0].set_title("throughput vs keep rate")
+    return figure
+
+
+def save_figure(figure: Figure, path: str, dpi: int = 100) -> str:
+    """Writes `figure` as a PNG (folders created); returns the path."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    figure.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def save_sweep_plots(paths: Sequence[str], out_dir: str) -> list[str]:
+    """accuracy_vs_gmacs.png and images_per_second_vs_keep_rate.png of the runs in `paths`."""
+    summaries = load_summaries(paths)
+    return [
+        save_figure(plot_accuracy_vs_gmacs(summaries), os.path.join(out_dir, ACCURACY_PNG)),
+        save_figure(plot_throughput_vs_keep_rate(summaries), os.path.join(out_dir, THROUGHPUT_PNG)),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading runs and the command line.
+
+
+def load_run(directory: str, which: str = "latest"):
+    """A trained workdir or a converted model directory, ready to apply.
+
+    Args:
+      directory: a `clca_jax.main` workdir or a `tools/convert_timm_weights.py` output.
+      which: `latest` or `best` checkpoint of a workdir.
+
+    Returns:
+      (model, variables, config): `config` is the run's training config, or None for a
+      converted model (it has no data section).
+    """
+    directory = os.path.abspath(os.path.expanduser(directory))
+    if evaluate.is_converted_model(directory):
+        model, variables = pretrained.load_pretrained(directory)
+        return model, variables, None
+    config = evaluate._workdir_config(directory, None)
+    model = create_model(config.model)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
+    variables, _ = evaluate._load_variables(directory, which, config, model, mesh)
+    return model, variables, config
+
+
+def run_image(model, config, image: str | None, index: int | None) -> np.ndarray:
+    """The picture to draw on: `image` (a file) or example `index` of the run's eval split."""
+    if image:
+        return image_file(image, model.img_size)
+    if config is None:
+        raise ValueError("a converted model directory has no data; pass --image=FILE.")
+    return dataset_image(config.data, index or 0, model.img_size)[0]
+
+
+def _kept_command(args) -> list[str]:
+    rows = []
+    for directory in args.workdir.split(","):
+        model, variables, config = load_run(directory, args.checkpoint)
+        pixels = run_image(model, config, args.image, args.index)
+        rows.append(kept_tokens(model, variables, pixels))
+    return [save_figure(plot_kept_tokens(rows), args.out, args.dpi)]
+
+
+def _attention_command(args) -> list[str]:
+    model, variables, config = load_run(args.workdir, args.checkpoint)
+    pixels = run_image(model, config, args.image, args.index)
+    block = model.backbone.depth - 1 if args.block is None else args.block
+    attention = cls_attention_map(model, variables, pixels, block)
+    title = f"{model_label(model)}: CLS attention, block {block}"
+    return [save_figure(plot_cls_attention(pixels, attention, title), args.out, args.dpi)]
+
+
+def _sweep_command(args) -> list[str]:
+    return save_sweep_plots(args.workdir, args.out)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m clca_jax.visualize", description=__doc__.split("\n\n")[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("kept", "patches kept or merged at each reduction block, one row per workdir"),
+        ("attention", "class-token attention of one block over the image"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--workdir", required=True, help="run directory (kept: comma list)")
+        sub.add_argument("--image", help="image file; default: --index of the eval split")
+        sub.add_argument("--index", type=int, default=0, help="eval-split example")
+        sub.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
+        sub.add_argument("--out", required=True, help="PNG file to write")
+        sub.add_argument("--dpi", type=int, default=100)
+    commands.choices["attention"].add_argument("--block", type=int, help="default: last block")
+    sweep = commands.add_parser("sweep", help="accuracy vs GMACs and images/s vs keep rate")
+    sweep.add_argument("--workdir", nargs="+", required=True, help="runs, or folders of runs")
+    sweep.add_argument("--out", required=True, help="folder for the two PNG files")
+    return parser
+
+
+COMMANDS = {"kept": _kept_command, "attention": _attention_command, "sweep": _sweep_command}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        written = COMMANDS[args.command](args)
+    except (FileNotFoundError, ValueError, IndexError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
