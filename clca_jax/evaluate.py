@@ -74,7 +74,7 @@ def evaluate_directory(
             )
         config, source = _converted_config(directory, config), "converted"
     elif os.path.isdir(os.path.join(directory, checkpoint.LATEST_DIR)):
-        config, source = _workdir_config(directory, config), which
+        config, source = workdir_config(directory, config), which
     else:
         raise FileNotFoundError(
             f"{directory} is neither a training workdir (no {checkpoint.LATEST_DIR}/) nor a "
@@ -89,7 +89,7 @@ def evaluate_directory(
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     _check_classes(config)
     model = create_model(config.model)
-    variables, step = _load_variables(directory, source, config, model, mesh)
+    variables, step = load_variables(directory, source, config, model, mesh)
     eval_fn = train.compile_eval_step(model, sharding.tree_shardings(variables, mesh), mesh)
     loader = train.make_eval_loader(config, config.model.img_size)
     result = train.evaluate(eval_fn, variables, loader, mesh, train.eval_key(config.seed))
@@ -98,7 +98,7 @@ def evaluate_directory(
     )
 
 
-def _workdir_config(directory: str, override) -> ml_collections.ConfigDict:
+def workdir_config(directory: str, override) -> ml_collections.ConfigDict:
     path = os.path.join(directory, train.CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; was {directory} written by clca_jax.main?")
@@ -140,7 +140,7 @@ def _check_classes(config) -> None:
         )
 
 
-def _load_variables(directory, source, config, model, mesh) -> tuple[dict, int | None]:
+def load_variables(directory, source, config, model, mesh) -> tuple[dict, int | None]:
     """The model variables on the mesh, and the training step they come from."""
     if source == "converted":
         _, variables = pretrained.load_pretrained(directory)

@@ -515,10 +515,10 @@ def load_run(directory: str, which: str = "latest"):
     if evaluate.is_converted_model(directory):
         model, variables = pretrained.load_pretrained(directory)
         return model, variables, None
-    config = evaluate._workdir_config(directory, None)
+    config = evaluate.workdir_config(directory, None)
     model = create_model(config.model)
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
-    variables, _ = evaluate._load_variables(directory, which, config, model, mesh)
+    variables, _ = evaluate.load_variables(directory, which, config, model, mesh)
     return model, variables, config
 
 

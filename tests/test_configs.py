@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from clca_jax import train
-from clca_jax.data import ufgir
+from clca_jax.data import fabricate, ufgir
 from clca_jax.training import sharding
 from clca_jax.training.config import validate_config
-from tests.data_fixtures import fabricate
 from tests.test_train_loop import build, compilation_cache  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -74,7 +74,7 @@ def test_data_layer_runs_without_tensorflow(tmp_path):
         assert importlib.util.find_spec("tensorflow") is None
         import clca_jax.data as data
         from clca_jax.data import ufgir
-        from tests.data_fixtures import fabricate
+        from clca_jax.data import fabricate
 
         config = data.default_data_config("demo")
         next(data.make_train_loader(config, img_size=16, global_batch_size=4, seed=0))

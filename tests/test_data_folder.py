@@ -8,9 +8,8 @@ import pytest
 from PIL import Image
 
 import clca_jax.data as data
-from clca_jax.data import folder, records
+from clca_jax.data import fabricate, folder, records
 from clca_jax.data.splits import DataError
-from tests.data_fixtures import fabricate
 
 
 def _config(name, root, **overrides):

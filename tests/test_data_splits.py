@@ -4,9 +4,8 @@ import os
 
 import pytest
 
-from clca_jax.data import splits
+from clca_jax.data import fabricate, splits
 from clca_jax.data.splits import DataError
-from tests.data_fixtures import fabricate
 
 
 def test_read_split_csv_accepts_either_column_order(tmp_path):

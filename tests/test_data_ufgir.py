@@ -6,9 +6,8 @@ import shutil
 import pytest
 
 import clca_jax.data as data
-from clca_jax.data import records, ufgir
+from clca_jax.data import fabricate, records, ufgir
 from clca_jax.data.splits import DataError
-from tests.data_fixtures import fabricate
 
 LEAVES = sorted(ufgir.LEAF_DATASETS)
 

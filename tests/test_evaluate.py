@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from clca_jax import evaluate, save_pretrained, train
-from tests.data_fixtures import fabricate
+from clca_jax.data import fabricate
 from tests.test_train_loop import (
     compilation_cache,  # noqa: F401 (a fixture)
     fabricated_folder,

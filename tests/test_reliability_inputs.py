@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from clca_jax import data, save_pretrained, train
+from clca_jax.data import fabricate
 from clca_jax.models import create_model
 from clca_jax.training.config import config_from_dict
-from tests.data_fixtures import fabricate
 from tests.test_reliability_kill import REPO, write_cli_config
 from tests.test_train_loop import compilation_cache, fabricated_folder, tiny_config  # noqa: F401
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from clca_jax import train
+from clca_jax.data import fabricate
 from clca_jax.models import create_model
 from clca_jax.training import checkpoint, sharding
 from clca_jax.training.config import default_config
-from tests.data_fixtures import fabricate
 
 NUM_CLASSES = 3
 

@@ -1,4 +1,8 @@
-"""Tiny fabricated datasets in the real on-disk layouts, written with PIL."""
+"""Tiny fabricated datasets in the real on-disk layouts, written with PIL.
+
+For trying the pipeline, the notebooks and the tests without the real leaf datasets: random
+images per class, the CSV split files and folder names of each dataset.
+"""
 
 from __future__ import annotations
 

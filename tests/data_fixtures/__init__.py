@@ -1,1 +1,0 @@
-"""Helpers that fabricate tiny image datasets on disk for the data tests."""
