@@ -201,7 +201,9 @@ def count_gmacs(model_config: ml_collections.ConfigDict) -> float | None:
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
     """AdamW with the reference mask and its per-epoch schedule; returns (tx, schedule)."""
     schedule = optim.learning_rate_schedule(config.optim, config.train.epochs, steps_per_epoch)
-    return optim.make_optimizer(config.optim, schedule), schedule
+    # The reference's plain ViT decays its CLR tokens (a misspelt exclusion list); keep that.
+    decay_clr = config.model.reduction.method == "none"
+    return optim.make_optimizer(config.optim, schedule, decay_clr=decay_clr), schedule
 
 
 # ----------------------------------------------------------------------------------------------

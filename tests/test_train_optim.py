@@ -46,6 +46,9 @@ def test_decay_mask_spares_one_dimensional_leaves_biases_and_embeddings():
         if value
     }
     assert decayed == {"patch_embed/proj/kernel", "sit/scale", "head/kernel"}
+    # The reference's plain ViT decays CLR (its exclusion list misspells the name).
+    plain = optim.weight_decay_mask(params, decay_clr=True)
+    assert plain["clr"] and not plain["cls_token"] and not plain["pos_embed"]
 
 
 def test_adamw_decays_only_masked_leaves_by_lr_times_decay():

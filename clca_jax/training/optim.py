@@ -8,6 +8,7 @@ from the cosine), then `min_lr` for the cool-down.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -51,27 +52,34 @@ def learning_rate_schedule(
     return schedule
 
 
-def weight_decay_mask(params) -> dict:
+def weight_decay_mask(params, decay_clr: bool = False) -> dict:
     """True where AdamW decays: every parameter of 2 or more dimensions not named in
     `NO_DECAY_NAMES` (so 1-D weights, biases, position embeddings, class and CLR tokens are
     not decayed; kernels and SiT's [1, 1, 1] scale are).
+
+    Args:
+      params: the parameter tree.
+      decay_clr: decay the CLR tokens too. The reference's plain ViT (no reduction) does, because
+        its exclusion list misspells `clr`; its reduction models do not.
     """
+    excluded = NO_DECAY_NAMES - {"clr"} if decay_clr else NO_DECAY_NAMES
 
     def decays(path, leaf) -> bool:
         name = getattr(path[-1], "key", str(path[-1]))
-        return jnp.ndim(leaf) > 1 and name not in NO_DECAY_NAMES
+        return jnp.ndim(leaf) > 1 and name not in excluded
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(
-    optim: ml_collections.ConfigDict, schedule: Schedule
+    optim: ml_collections.ConfigDict, schedule: Schedule, decay_clr: bool = False
 ) -> optax.GradientTransformation:
     """AdamW (decoupled decay scaled by the learning rate, as torch's) with the decay mask.
 
     Args:
       optim: the `optim` config section; `grad_clip_norm > 0` clips by global norm first.
       schedule: the learning-rate schedule.
+      decay_clr: see `weight_decay_mask`.
     """
     adamw = optax.adamw(
         learning_rate=schedule,
@@ -79,7 +87,7 @@ def make_optimizer(
         b2=optim.b2,
         eps=optim.eps,
         weight_decay=optim.weight_decay,
-        mask=weight_decay_mask,
+        mask=functools.partial(weight_decay_mask, decay_clr=decay_clr),
     )
     if optim.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
