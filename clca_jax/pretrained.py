@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from clca_jax.config_values import merge_saved
 from clca_jax.models import create_model, default_model_config
 from clca_jax.models.vit import VisionTransformer
 
@@ -29,22 +30,10 @@ def model_config_from_dict(values: dict) -> ml_collections.ConfigDict:
     """A `model` config from plain values (e.g. JSON), typed by the defaults.
 
     Raises:
-      ValueError: a field is unknown, so the file was not written for this version.
+      ValueError: a field is unknown or of the wrong type; the message names it.
     """
     config = default_model_config()
-
-    def merge(target: ml_collections.ConfigDict, source: dict, prefix: str):
-        for key, value in source.items():
-            if key not in target:
-                raise ValueError(f"Unknown model config field {prefix}{key!r}.")
-            if isinstance(target[key], ml_collections.ConfigDict):
-                merge(target[key], value, f"{prefix}{key}.")
-            elif isinstance(target[key], tuple) and isinstance(value, list):
-                target[key] = tuple(value)
-            else:
-                target[key] = value
-
-    merge(config, values, "model.")
+    merge_saved(config, values, "model")
     return config
 
 

@@ -17,6 +17,7 @@ import sys
 import ml_collections
 from absl import flags
 
+from clca_jax.config_values import merge_saved
 from clca_jax.data import default_data_config, validate_data_config
 from clca_jax.models import create_model, default_model_config
 
@@ -187,31 +188,8 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
       ValueError: a field is unknown to this version.
     """
     config = default_config()
-    _merge(config, values, "config")
+    merge_saved(config, values, "config")
     return config
-
-
-def _merge(target: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
-    for key, value in values.items():
-        if key not in target:
-            raise ValueError(f"{prefix}.{key} in the saved config is not a known field.")
-        if isinstance(target[key], ml_collections.ConfigDict):
-            _merge(target[key], value, f"{prefix}.{key}")
-        elif isinstance(target[key], tuple) and isinstance(value, list):
-            target[key] = tuple(value)
-        else:
-            _set_typed(target, key, value, prefix)
-
-
-def _set_typed(target: ml_collections.ConfigDict, key: str, value, prefix: str) -> None:
-    try:
-        target[key] = value
-    except TypeError as error:
-        raise ValueError(
-            f"{prefix}.{key} in the saved config is {value!r}, not a "
-            f"{type(target[key]).__name__} as the field needs; the file was edited or written "
-            "by another version. Fix the value or start a new workdir."
-        ) from error
 
 
 def parse_flags(argv: list[str]) -> list[str]:
