@@ -221,13 +221,14 @@ def forward(model, variables: dict, pixels: np.ndarray, attention_block: int | N
       attention_block: also return this block's attention probabilities.
 
     Returns:
-      (logits [C], kept: the `aux['kept']` arrays, probs float32 [heads, N, N] or None).
+      (logits [C], kept: the `aux['kept']` arrays, the class token's attention float32
+      [heads, N] or None).
     """
     (logits, aux), state = _compiled_forward(model, attention_block)(variables, model_input(pixels))
     probs = None
     if attention_block is not None:
         captured = state["intermediates"][f"blocks_{attention_block}"]["attn"]["__call__"]
-        probs = np.asarray(captured[0][1].probs[0])
+        probs = np.asarray(captured[0][1].cls_probs[0])
     return np.asarray(logits[0]), [np.asarray(k) for k in aux["kept"]], probs
 
 
@@ -363,7 +364,7 @@ def cls_attention_map(model, variables: dict, pixels: np.ndarray, block: int | N
     if not 0 <= block < depth:
         raise ValueError(f"block={block} is outside the model's blocks 0..{depth - 1}.")
     _, kept, probs = forward(model, variables, pixels, attention_block=block)
-    row = probs.mean(axis=0)[0]  # class-token query, head mean
+    row = probs.mean(axis=0)  # class-token query, head mean
     slots = slots_before_block(model, patch_slots(model, kept), block)[0]
     values = np.where(slots >= 0, row[np.maximum(slots, 0)], np.nan)
     grid = model.img_size // model.backbone.patch_size

@@ -158,7 +158,7 @@ def test_ats(samples):
     slots = len(ref.ats_quantile_points(samples))
     stage = stage_of(samples, N)
     attention = AttentionOutput(
-        probs=jnp.asarray(probs, jnp.float32),
+        cls_probs=jnp.asarray(probs[:, :, 0], jnp.float32),
         keys=jnp.zeros((B, H, N, 8)),
         values=jnp.asarray(values, jnp.float32),
     )

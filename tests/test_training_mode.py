@@ -154,7 +154,7 @@ def test_protected_suffix_passes_reduction_untouched(method):
     )
     logits = generator.standard_normal((2, 2, length, length))
     attention = AttentionOutput(
-        probs=jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1),
+        cls_probs=jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1)[:, :, 0],
         keys=jnp.asarray(generator.standard_normal((2, 2, length, 8)), jnp.float32),
         values=jnp.asarray(generator.standard_normal((2, 2, length, 8)), jnp.float32),
     )

@@ -78,7 +78,7 @@ class ATS(nn.Module):
         end = 1 + body.shape[1]
         batch = body.shape[0]
         value_norm = jnp.linalg.norm(attention.values.astype(jnp.float32), axis=-1)
-        significance = jnp.sum(attention.probs[:, :, 0, 1:end] * value_norm[:, :, 1:end], 1)
+        significance = jnp.sum(attention.cls_probs[:, :, 1:end] * value_norm[:, :, 1:end], 1)
         significance = significance / (jnp.sum(significance, -1, keepdims=True) + 1e-6)
         cdf = jnp.cumsum(significance, axis=-1)
         if tokens.valid is not None:

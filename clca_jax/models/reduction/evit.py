@@ -85,7 +85,7 @@ class EViT(nn.Module):
 
     def __call__(self, tokens: Tokens, attention, train: bool) -> Reduced:
         del train
-        cls_attention = attention.probs[:, :, 0, :].mean(axis=1)
+        cls_attention = attention.cls_probs.mean(axis=1)
         x, kept = keep_attended(
             tokens.x, cls_attention, self.stage.plan.count, self.stage.protected, self.fuse
         )
