@@ -93,3 +93,27 @@ def test_reduction_location_outside_depth():
     config.reduction.locations = (1, 2)
     with pytest.raises(ValueError, match=r"locations \[2\] lie outside the 2 blocks"):
         create_model(config)
+
+
+@pytest.mark.parametrize("method", ["evit", "tome", "ats", "dynamicvit"])
+def test_batched_and_per_image_attention_agree(monkeypatch, method):
+    """Accelerators batch the attention, the CPU loops over images: same numbers."""
+    config = tiny_config()
+    config.img_size = 64
+    config.reduction.method = method
+    config.reduction.keep_rate = 0.5
+    config.reduction.locations = (0, 1)
+    config.clca.head, config.clca.clc, config.clca.num_clr = "cla", True, 1
+    model = create_model(config)
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((3, 64, 64, 3)), jnp.float32)
+    variables = jax.jit(model.init)({"params": jax.random.key(0)}, images)
+    outputs = {}
+    for choice in ("batched", "per_image"):
+        monkeypatch.setenv("CLCA_ATTENTION", choice)
+        run = jax.jit(
+            lambda v, x: model.apply(
+                v, x, train=True, rngs={"reduction": jax.random.key(1)}, mutable=["batch_stats"]
+            )[0][0]
+        )
+        outputs[choice] = np.asarray(run(variables, images))
+    np.testing.assert_allclose(outputs["batched"], outputs["per_image"], atol=1e-5)

@@ -10,6 +10,7 @@ accelerators); LayerNorm, softmax and the residual stream stay in float32.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -125,7 +126,7 @@ class Attention(nn.Module):
         query, keys, values = qkv[0], qkv[1], qkv[2]
         core = functools.partial(attention_core, dtype=self.dtype)
         operands = (query * head_dim**-0.5, keys, values, bias, policy)
-        if jax.default_backend() == "cpu":
+        if attention_per_image():
             # One image at a time keeps each [heads, N, N] map in cache: about 2x faster for
             # ViT-B at 448 px on a CPU than one batched [B, heads, N, N] pass.
             out, cls_probs = jax.lax.map(lambda args: core(*args), operands)
@@ -135,6 +136,19 @@ class Attention(nn.Module):
         out = nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(out)
         attention = AttentionOutput(cls_probs=cls_probs, keys=keys, values=values)
         return out.astype(jnp.float32), attention
+
+
+def attention_per_image() -> bool:
+    """Whether attention loops over the images of a batch (CPU) or batches them.
+
+    `CLCA_ATTENTION=batched` or `=per_image` overrides the choice made from the backend.
+    """
+    choice = os.environ.get("CLCA_ATTENTION", "auto")
+    if choice not in ("auto", "batched", "per_image"):
+        raise ValueError(f"CLCA_ATTENTION must be auto, batched or per_image, got {choice!r}.")
+    if choice == "auto":
+        return jax.default_backend() == "cpu"
+    return choice == "per_image"
 
 
 def attention_core(query, keys, values, bias, policy, dtype) -> tuple[jax.Array, jax.Array]:
