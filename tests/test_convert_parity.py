@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,3 +132,44 @@ def test_fresh_head_when_classes_differ(tmp_path):
             pre_logits=True,
         ).numpy()
     np.testing.assert_allclose(np.asarray(aux["pre_logits"]), features, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["per_image", "batched"])
+def test_training_gradients_match_timm(tmp_path, monkeypatch, attention):
+    """The backward pass (recomputing attention, erf GELU) gives PyTorch autograd's gradients."""
+    monkeypatch.setenv("CLCA_ATTENTION", attention)
+    source = make_timm_model("vit_base_patch16_224", 224, NUM_CLASSES, seed=7, **TINY)
+    checkpoint = save_state_dict(source.state_dict(), str(tmp_path / "w.pth"))
+    model, variables = convert(tmp_path, checkpoint, "vit_base_patch16_224", 224)
+    images = random_images(2, 224, seed=8)
+    labels = np.array([3, 7])
+
+    def loss_fn(params, images):
+        logits, _ = model.apply({**variables, "params": params}, images, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    grads, image_grads = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(
+        variables["params"], jnp.asarray(images)
+    )
+    reference = source.train()  # no dropout in timm's ViT by default: train == eval numerics
+    inputs = torch.from_numpy(images).permute(0, 3, 1, 2).requires_grad_(True)
+    torch.nn.functional.cross_entropy(reference(inputs), torch.from_numpy(labels)).backward()
+    expected = dict(reference.named_parameters())
+
+    np.testing.assert_allclose(
+        np.asarray(image_grads), inputs.grad.permute(0, 2, 3, 1).numpy(), atol=1e-6, rtol=1e-4
+    )
+    for block in range(TINY["depth"]):
+        ours, theirs = grads[f"blocks_{block}"], f"blocks.{block}."
+        pairs = [
+            (ours["attn"]["qkv"]["kernel"], expected[theirs + "attn.qkv.weight"].grad.T),
+            (ours["attn"]["qkv"]["bias"], expected[theirs + "attn.qkv.bias"].grad),
+            (ours["attn"]["proj"]["kernel"], expected[theirs + "attn.proj.weight"].grad.T),
+            (ours["mlp"]["fc1"]["kernel"], expected[theirs + "mlp.fc1.weight"].grad.T),
+            (ours["norm1"]["scale"], expected[theirs + "norm1.weight"].grad),
+        ]
+        for got, want in pairs:
+            np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(grads["pos_embed"]), expected["pos_embed"].grad.numpy(), atol=1e-6, rtol=1e-4
+    )

@@ -9,6 +9,7 @@ input batch is already on the device. Inference is the evaluation forward; train
 AdamW step (forward, backward, update, donated state). `peak_fraction` is the achieved
 2 x MACs per second over the dense matmul peak measured in the same run. With `--torch`, the
 timm model of the same backbone and size (no reduction) is timed on the same inputs and threads.
+Every worker, PyTorch's included, runs with the same host allocator settings (`--host_malloc`).
 
 Writes `OUT/benchmark.csv` (one row per framework, method, keep rate and mode) and
 `OUT/benchmark.png` (images/s and GMACs against keep rate), and prints the table.
@@ -40,8 +41,20 @@ flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported)
 flags.DEFINE_list("modes", ["inference", "train"], "What to time.")
 flags.DEFINE_string("out", "bench_out", "Output directory.")
 flags.DEFINE_bool("torch", False, "Also time the PyTorch timm model (needs the torch extra).")
+flags.DEFINE_enum(
+    "host_malloc", "retain", ["retain", "system"],
+    "retain: every worker (JAX and PyTorch alike) keeps freed host memory in one untrimmed heap "
+    "(GLIBC_TUNABLES, unless already set); system: glibc's defaults.",
+)  # fmt: skip
 flags.DEFINE_string("worker", None, "Internal: run one measurement described by this JSON.")
 FLAGS = flags.FLAGS
+
+# XLA:CPU allocates a step's scratch buffers afresh on every call, and glibc hands blocks over
+# 32 MiB straight back to the kernel, so each training step page-faults its working set again
+# (about 1.3 s of a 14 s ViT-B/16 448 px step here). One heap that is never trimmed keeps them.
+RETAIN_HOST_MEMORY = (
+    "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+)
 
 COLUMNS = [
     "framework", "method", "keep_rate", "mode", "images_per_s", "compile_s", "gmacs",
@@ -241,14 +254,24 @@ def torch_measurement(spec: dict) -> list[dict]:
 
 
 def specs(model_config) -> list[dict]:
-    """One worker spec per (method, keep rate)."""
+    """One worker spec per (method, keep rate), each validated before any worker starts."""
+    from clca_jax.models import create_model
+
+    try:
+        keep_rates = [float(rate) for rate in FLAGS.keep_rates]
+    except ValueError:
+        rates = ",".join(FLAGS.keep_rates)
+        raise app.UsageError(f"--keep_rates must be numbers, got {rates}.") from None
     result = []
     for method in FLAGS.methods:
-        rates = [1.0] if method == "none" else [float(rate) for rate in FLAGS.keep_rates]
-        for keep_rate in rates:
+        for keep_rate in [1.0] if method == "none" else keep_rates:
             model = model_config.copy_and_resolve_references()
             model.reduction.method = method
             model.reduction.keep_rate = keep_rate
+            try:
+                create_model(model)
+            except ValueError as error:
+                raise app.UsageError(f"{method} at keep rate {keep_rate}: {error}") from None
             result.append(
                 {
                     "kind": "jax",
@@ -270,7 +293,10 @@ def run_worker(spec: dict) -> list[dict]:
     label = f"{spec['kind']} {spec['method']} kr={spec['keep_rate']}"
     print(f"measuring {label} ...", flush=True)
     command = [sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(spec)}"]
-    result = subprocess.run(command, capture_output=True, text=True)
+    environment = dict(os.environ)
+    if FLAGS.host_malloc == "retain":
+        environment.setdefault("GLIBC_TUNABLES", RETAIN_HOST_MEMORY)
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
     if result.returncode != 0:
         raise RuntimeError(f"{label} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -285,7 +311,7 @@ def format_table(rows: list[dict]) -> str:
     for row in rows:
         lines.append(
             f"{row['framework']:<9} {row['method']:<12} {row['keep_rate']:>5} {row['mode']:<9} "
-            f"{row['images_per_s']:>8.2f} {row['compile_s']:>9.1f} {row['gmacs']:>7.2f} "
+            f"{row['images_per_s']:>8.2f} {row['compile_s']:>9.1f} {row['gmacs']:>7.3g} "
             f"{row['xla_gflops']:>7.1f} {100 * row['peak_fraction']:>6.1f}% "
             f"{row['peak_rss_gib']:>8.2f}"
         )
@@ -330,6 +356,18 @@ def plot(rows: list[dict], path: str) -> bool:
     return True
 
 
+def check_flags() -> None:
+    """Fails on a bad command line before any worker starts."""
+    import importlib.util
+
+    if not set(FLAGS.modes) <= {"inference", "train"} or not FLAGS.modes:
+        raise app.UsageError(f"--modes takes inference and/or train, got {FLAGS.modes}.")
+    if FLAGS.batch_size < 1 or FLAGS.repeats < 1:
+        raise app.UsageError("--batch_size and --repeats must be at least 1.")
+    if FLAGS.torch and not all(importlib.util.find_spec(name) for name in ("torch", "timm")):
+        raise app.UsageError("--torch needs PyTorch and timm: pip install -e '.[torch]'.")
+
+
 def main(argv) -> None:
     del argv
     if FLAGS.worker:
@@ -337,7 +375,12 @@ def main(argv) -> None:
         rows = torch_measurement(spec) if spec["kind"] == "torch" else jax_measurement(spec)
         print(json.dumps(rows))
         return
+    check_flags()
     os.makedirs(FLAGS.out, exist_ok=True)
+    tunables = os.environ.get("GLIBC_TUNABLES") or (
+        RETAIN_HOST_MEMORY if FLAGS.host_malloc == "retain" else "glibc defaults"
+    )
+    print(f"host malloc: {tunables}", flush=True)
     rows = []
     for spec in specs(FLAGS.config.model):
         rows.extend(run_worker(spec))

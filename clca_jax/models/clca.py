@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clca_jax.models.activations import gelu
 from clca_jax.models.initializers import torch_linear_bias_init, torch_linear_kernel_init
 from clca_jax.models.reduction.base import Tokens
 
@@ -80,7 +81,7 @@ class CLAHead(nn.Module):
             name="depthwise",
         )(x)
         x = TorchBatchNorm(name="norm_mid")(x, train)
-        x = nn.gelu(x, approximate=False)[:, 0]
+        x = gelu(x)[:, 0]
         fan_in = width * self.kernels_per_channel
         return nn.Dense(
             self.num_classes,

@@ -18,6 +18,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from clca_jax.models.activations import gelu
 from clca_jax.models.clca import CLAHead, IFAHead, cache_entry
 from clca_jax.models.initializers import (
     torch_linear_bias_init,
@@ -155,16 +156,75 @@ def attention_core(query, keys, values, bias, policy, dtype) -> tuple[jax.Array,
     """Softmax attention of one image: [heads, N, head_dim] -> (output, CLS probability row).
 
     `bias` broadcasts to [heads, N, N]; `policy` [N] selects DynamicViT's masked softmax.
+    Neither path keeps the [heads, N, N] probabilities for the backward pass: they are
+    recomputed from the queries and keys, so training memory grows with N, not N^2, per layer.
     """
+    if policy is None:
+        return softmax_attention(query, keys, values, bias, dtype)
+    return jax.checkpoint(policy_attention, static_argnums=5)(
+        query, keys, values, bias, policy, dtype
+    )
+
+
+def attention_probs(query, keys, bias) -> jax.Array:
+    """softmax(query keys^T + bias) in float32, [heads, N, N]."""
     logits = jnp.einsum("hqd,hkd->hqk", query, keys).astype(jnp.float32)
     if bias is not None:
         logits = logits + bias
-    if policy is None:
-        probs = jax.nn.softmax(logits, axis=-1)
-    else:
-        probs = policy_softmax(logits, policy)
-    out = jnp.einsum("hqk,hkd->hqd", probs.astype(dtype), values)
-    return out, probs[:, 0, :]
+    return jax.nn.softmax(logits, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def softmax_attention(query, keys, values, bias, dtype) -> tuple[jax.Array, jax.Array]:
+    """probs @ values and the class token's row of probs, with a recomputing backward pass."""
+    probs = attention_probs(query, keys, bias)
+    return jnp.einsum("hqk,hkd->hqd", probs.astype(dtype), values), probs[:, 0, :]
+
+
+def _softmax_attention_forward(query, keys, values, bias, dtype):
+    return softmax_attention(query, keys, values, bias, dtype), (query, keys, values, bias)
+
+
+def _softmax_attention_backward(dtype, residuals, cotangents):
+    query, keys, values, bias = residuals
+    d_out, d_cls = cotangents
+    d_out = d_out.astype(dtype)
+    probs = attention_probs(query, keys, bias)
+    d_values = jnp.einsum("hqk,hqd->hkd", probs.astype(dtype), d_out)
+    d_probs = jnp.einsum("hqd,hkd->hqk", d_out, values).astype(jnp.float32)
+    d_probs = d_probs.at[:, 0, :].add(d_cls)
+    # Softmax backward: d_logits = p * (d_p - sum_k p d_p).
+    d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+    d_query = jnp.einsum("hqk,hkd->hqd", d_logits.astype(dtype), keys)
+    d_keys = jnp.einsum("hqk,hqd->hkd", d_logits.astype(dtype), query)
+    d_bias = None if bias is None else sum_to_shape(d_logits, bias.shape).astype(bias.dtype)
+    return (
+        d_query.astype(query.dtype),
+        d_keys.astype(keys.dtype),
+        d_values.astype(values.dtype),
+        d_bias,
+    )
+
+
+softmax_attention.defvjp(_softmax_attention_forward, _softmax_attention_backward)
+
+
+def sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums `x` over the axes along which an array of `shape` was broadcast to `x.shape`."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, size in enumerate(shape) if size == 1 and x.shape[lead + i] != 1
+    )
+    return jnp.sum(x, axis=axes, keepdims=True).reshape(shape)
+
+
+def policy_attention(query, keys, values, bias, policy, dtype) -> tuple[jax.Array, jax.Array]:
+    """DynamicViT's masked-softmax attention (autodiff backward)."""
+    logits = jnp.einsum("hqd,hkd->hqk", query, keys).astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    probs = policy_softmax(logits, policy)
+    return jnp.einsum("hqk,hkd->hqd", probs.astype(dtype), values), probs[:, 0, :]
 
 
 def policy_softmax(logits: jax.Array, policy: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -191,7 +251,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=trunc_normal, name="fc1")(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         x = nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="fc2")(x)
         return x.astype(jnp.float32)
 

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clca_jax.models.activations import gelu
 from clca_jax.models.initializers import trunc_normal
 from clca_jax.models.reduction.base import (
     PlanContext,
@@ -50,14 +51,14 @@ class Predictor(nn.Module):
         width = x.shape[-1]
         dense = lambda features, name: nn.Dense(features, kernel_init=trunc_normal, name=name)  # noqa: E731
         h = nn.LayerNorm(epsilon=1e-5, name="norm")(x)
-        h = nn.gelu(dense(width, "proj_in")(h), approximate=False)
+        h = gelu(dense(width, "proj_in")(h))
         half = width // 2
         weights = decision[..., None]
         pooled = jnp.sum(h[..., half:] * weights, axis=1, keepdims=True)
         pooled = pooled / jnp.sum(weights, axis=1, keepdims=True) + 1e-6
         h = jnp.concatenate([h[..., :half], jnp.broadcast_to(pooled, h[..., half:].shape)], -1)
-        h = nn.gelu(dense(width // 2, "fc1")(h), approximate=False)
-        h = nn.gelu(dense(width // 4, "fc2")(h), approximate=False)
+        h = gelu(dense(width // 2, "fc1")(h))
+        h = gelu(dense(width // 4, "fc2")(h))
         return jax.nn.log_softmax(dense(2, "fc3")(h), axis=-1)
 
 

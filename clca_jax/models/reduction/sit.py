@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clca_jax.models.activations import gelu
 from clca_jax.models.initializers import trunc_normal
 from clca_jax.models.reduction.base import PlanContext, Reduced, Stage, StagePlan, Tokens, split
 
@@ -46,7 +47,7 @@ class SiT(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (1, 1, 1))
         # At K = 0 the layers still exist (as in the reference) and produce no token.
         h = nn.LayerNorm(epsilon=1e-5, name="norm")(body)
-        h = nn.gelu(nn.Dense(width // 2, kernel_init=trunc_normal, name="fc1")(h), False)
+        h = gelu(nn.Dense(width // 2, kernel_init=trunc_normal, name="fc1")(h))
         logits = nn.Dense(count, kernel_init=trunc_normal, name="fc2")(h)
         weights = jax.nn.softmax(logits * scale, axis=1).transpose(0, 2, 1)  # [B, K, S]
         merged = jnp.einsum("bks,bsd->bkd", weights, body)

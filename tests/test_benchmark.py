@@ -1,0 +1,68 @@
+"""tools/benchmark.py on a tiny config: one process per measurement, CSV, plot, flag errors."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clca_jax.flops import count_macs
+from configs import soyglobal
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "benchmark.py")
+REQUIRED = ["images_per_s", "compile_s", "gmacs", "xla_gflops", "peak_fraction"]
+
+
+def run_tool(*flags: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, TOOL, "--config=configs/soyglobal.py:tiny", *flags]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_benchmark_writes_one_row_per_method_rate_and_mode(tmp_path):
+    result = run_tool(
+        "--methods=none,evit", "--keep_rates=0.5,0.25", "--batch_size=2", "--repeats=1",
+        f"--out={tmp_path}", "--torch",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "benchmark.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert set(REQUIRED) <= set(rows[0])
+    keys = [(row["framework"], row["method"], float(row["keep_rate"]), row["mode"]) for row in rows]
+    measured = [("jax", "none", 1.0), ("jax", "evit", 0.5), ("jax", "evit", 0.25)]
+    measured.append(("torch", "none", 1.0))
+    expected = [(*entry, mode) for entry in measured for mode in ("inference", "train")]
+    assert keys == expected
+
+    model = soyglobal.get_config("tiny").model
+    for row in rows:
+        assert float(row["images_per_s"]) > 0
+        if row["framework"] == "torch":
+            continue
+        model.reduction.method, model.reduction.keep_rate = row["method"], float(row["keep_rate"])
+        assert float(row["gmacs"]) == pytest.approx(count_macs(model).gmacs, rel=1e-9)
+        assert float(row["compile_s"]) > 0 and float(row["xla_gflops"]) > 0
+        assert 0 < float(row["peak_fraction"]) < 1.5
+        assert int(row["traces"]) == 1  # exactly one compile per step function
+    by_rate = {float(row["keep_rate"]): float(row["gmacs"]) for row in rows[:6]}
+    assert by_rate[0.25] < by_rate[0.5] < by_rate[1.0]
+    assert (tmp_path / "benchmark.png").stat().st_size > 0
+    assert "framework method" in result.stdout and "host malloc: " in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--methods=bogus"], "bogus at keep rate 0.1: model.reduction.method must be one of"),
+        (["--keep_rates=half"], "--keep_rates must be numbers, got half."),
+        (["--modes=fast"], "--modes takes inference and/or train"),
+    ],
+)
+def test_benchmark_rejects_bad_flags_before_measuring(tmp_path, flags, message):
+    result = run_tool(*flags, f"--out={tmp_path}")
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert "measuring" not in result.stdout
