@@ -3,8 +3,8 @@
     python tools/benchmark.py --config=configs/soyglobal.py --methods=none,evit \\
         --keep_rates=0.1,0.7 --batch_size=8 --out=bench_out [--torch]
 
-Each (method, keep rate) runs in its own process, so peak memory and compile counts are its
-own. Times are medians of `--repeats` runs after a warm-up, with the device synchronised; the
+Each (method, keep rate, mode) runs in its own process, so peak memory and compile counts are
+its own. Times are medians of `--repeats` runs after a warm-up, with the device synchronised; the
 input batch is already on the device. Inference is the evaluation forward; training is one
 AdamW step (forward, backward, update, donated state). `peak_fraction` is the achieved
 2 x MACs per second over the dense matmul peak measured in the same run. With `--torch`, the
@@ -254,7 +254,7 @@ def torch_measurement(spec: dict) -> list[dict]:
 
 
 def specs(model_config) -> list[dict]:
-    """One worker spec per (method, keep rate), each validated before any worker starts."""
+    """One worker spec per (method, keep rate, mode), each validated before any worker starts."""
     from clca_jax.models import create_model
 
     try:
@@ -272,25 +272,27 @@ def specs(model_config) -> list[dict]:
                 create_model(model)
             except ValueError as error:
                 raise app.UsageError(f"{method} at keep rate {keep_rate}: {error}") from None
-            result.append(
-                {
-                    "kind": "jax",
-                    "method": method,
-                    "keep_rate": keep_rate,
-                    "model": model.to_dict(),
-                    "batch_size": FLAGS.batch_size,
-                    "repeats": FLAGS.repeats,
-                    "modes": FLAGS.modes,
-                }
-            )
+            for mode in FLAGS.modes:
+                result.append(
+                    {
+                        "kind": "jax",
+                        "method": method,
+                        "keep_rate": keep_rate,
+                        "model": model.to_dict(),
+                        "batch_size": FLAGS.batch_size,
+                        "repeats": FLAGS.repeats,
+                        "modes": [mode],
+                    }
+                )
     if FLAGS.torch:
-        result.append(dict(result[0], kind="torch", method="none", keep_rate=1.0))
+        for mode in FLAGS.modes:
+            result.append(dict(result[0], kind="torch", method="none", keep_rate=1.0, modes=[mode]))
     return result
 
 
 def run_worker(spec: dict) -> list[dict]:
     """Runs one spec in a fresh process and returns its rows."""
-    label = f"{spec['kind']} {spec['method']} kr={spec['keep_rate']}"
+    label = f"{spec['kind']} {spec['method']} kr={spec['keep_rate']} {spec['modes'][0]}"
     print(f"measuring {label} ...", flush=True)
     command = [sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(spec)}"]
     environment = dict(os.environ)
