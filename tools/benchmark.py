@@ -111,8 +111,8 @@ class TrainLoop:
         jax.block_until_ready(self.state)
 
 
-def jax_measurement(spec: dict) -> list[dict]:
-    """Times one model config in the modes asked for; returns one row per mode."""
+def jax_measurement(spec: dict) -> dict:
+    """Times one model config in one mode; returns its row."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -133,16 +133,16 @@ def jax_measurement(spec: dict) -> list[dict]:
     variables = jax.jit(model.init)(rngs, images[:1])
     gmacs = count_macs(config).gmacs
     peak = matmul_peak_flops(spec["repeats"])
-    traces = {"inference": 0, "train": 0}
+    traces = []
 
     def forward(variables, images):
-        traces["inference"] += 1
+        traces.append(1)
         return model.apply(variables, images, rngs={"reduction": jax.random.key(2)})[0]
 
     optimizer = optax.adamw(1e-4, weight_decay=0.05)
 
     def train_step(state, images, labels):
-        traces["train"] += 1
+        traces.append(1)
         params, extra, opt_state = state
 
         def loss_fn(params):
@@ -157,48 +157,44 @@ def jax_measurement(spec: dict) -> list[dict]:
         changes, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, changes), updates, opt_state
 
-    rows = []
-    for mode in spec["modes"]:
-        if mode == "inference":
-            function = jax.jit(forward)
-            arguments = (variables, images)
-        else:
-            params = variables["params"]
-            extra = {k: v for k, v in variables.items() if k != "params"}
-            function = jax.jit(train_step, donate_argnums=0)
-            arguments = ((params, extra, optimizer.init(params)), images, labels)
-        start = time.perf_counter()
-        compiled = function.lower(*arguments).compile()
-        compile_s = time.perf_counter() - start
-        analysis = compiled.cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, list) else analysis
-        xla_flops = float((analysis or {}).get("flops", float("nan")))
-        if mode == "inference":
-            run = functools.partial(synchronised, function, *arguments)
-        else:
-            run = TrainLoop(function, *arguments)
-        seconds = median_seconds(run, spec["repeats"])
-        # Training does about 3x the forward's multiply-adds (forward + two for backward).
-        model_flops = 2 * gmacs * 1e9 * batch * (3 if mode == "train" else 1)
-        rows.append(
-            {
-                "framework": "jax",
-                "method": spec["method"],
-                "keep_rate": spec["keep_rate"],
-                "mode": mode,
-                "images_per_s": batch / seconds,
-                "compile_s": compile_s,
-                "gmacs": gmacs,
-                "xla_gflops": xla_flops / batch / 1e9,
-                "peak_fraction": model_flops / seconds / peak,
-                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                "traces": traces[mode],
-            }
-        )
-    return rows
+    mode = spec["mode"]
+    if mode == "inference":
+        function = jax.jit(forward)
+        arguments = (variables, images)
+    else:
+        params = variables["params"]
+        extra = {k: v for k, v in variables.items() if k != "params"}
+        function = jax.jit(train_step, donate_argnums=0)
+        arguments = ((params, extra, optimizer.init(params)), images, labels)
+    start = time.perf_counter()
+    compiled = function.lower(*arguments).compile()
+    compile_s = time.perf_counter() - start
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    xla_flops = float((analysis or {}).get("flops", float("nan")))
+    if mode == "inference":
+        run = functools.partial(synchronised, function, *arguments)
+    else:
+        run = TrainLoop(function, *arguments)
+    seconds = median_seconds(run, spec["repeats"])
+    # Training does about 3x the forward's multiply-adds (forward + two for backward).
+    model_flops = 2 * gmacs * 1e9 * batch * (3 if mode == "train" else 1)
+    return {
+        "framework": "jax",
+        "method": spec["method"],
+        "keep_rate": spec["keep_rate"],
+        "mode": mode,
+        "images_per_s": batch / seconds,
+        "compile_s": compile_s,
+        "gmacs": gmacs,
+        "xla_gflops": xla_flops / batch / 1e9,
+        "peak_fraction": model_flops / seconds / peak,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "traces": len(traces),
+    }
 
 
-def torch_measurement(spec: dict) -> list[dict]:
+def torch_measurement(spec: dict) -> dict:
     """The timm model of the same backbone and size, no reduction, eager PyTorch."""
     import torch
 
@@ -212,41 +208,37 @@ def torch_measurement(spec: dict) -> list[dict]:
     images = torch.randn(batch, 3, size, size)
     labels = torch.zeros(batch, dtype=torch.long)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    rows = []
-    for mode in spec["modes"]:
-        if mode == "inference":
-            model.eval()
+    mode = spec["mode"]
+    if mode == "inference":
+        model.eval()
 
-            def run():
-                with torch.no_grad():
-                    model(images)
+        def run():
+            with torch.no_grad():
+                model(images)
 
-        else:
-            model.train()
+    else:
+        model.train()
 
-            def run():
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
+        def run():
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
 
-        seconds = median_seconds(run, spec["repeats"])
-        rows.append(
-            {
-                "framework": "torch",
-                "method": "none",
-                "keep_rate": 1.0,
-                "mode": mode,
-                "images_per_s": batch / seconds,
-                "compile_s": 0.0,
-                "gmacs": float("nan"),
-                "xla_gflops": float("nan"),
-                "peak_fraction": float("nan"),
-                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                "traces": 0,
-            }
-        )
-    return rows
+    seconds = median_seconds(run, spec["repeats"])
+    return {
+        "framework": "torch",
+        "method": "none",
+        "keep_rate": 1.0,
+        "mode": mode,
+        "images_per_s": batch / seconds,
+        "compile_s": 0.0,
+        "gmacs": float("nan"),
+        "xla_gflops": float("nan"),
+        "peak_fraction": float("nan"),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "traces": 0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,24 +273,29 @@ def specs(model_config) -> list[dict]:
                         "model": model.to_dict(),
                         "batch_size": FLAGS.batch_size,
                         "repeats": FLAGS.repeats,
-                        "modes": [mode],
+                        "mode": mode,
                     }
                 )
     if FLAGS.torch:
         for mode in FLAGS.modes:
-            result.append(dict(result[0], kind="torch", method="none", keep_rate=1.0, modes=[mode]))
+            result.append(dict(result[0], kind="torch", method="none", keep_rate=1.0, mode=mode))
     return result
 
 
-def run_worker(spec: dict) -> list[dict]:
-    """Runs one spec in a fresh process and returns its rows."""
-    label = f"{spec['kind']} {spec['method']} kr={spec['keep_rate']} {spec['modes'][0]}"
-    print(f"measuring {label} ...", flush=True)
-    command = [sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(spec)}"]
+def worker_environment() -> dict[str, str]:
+    """This process's environment, plus the host allocator setting `--host_malloc` asks for."""
     environment = dict(os.environ)
     if FLAGS.host_malloc == "retain":
         environment.setdefault("GLIBC_TUNABLES", RETAIN_HOST_MEMORY)
-    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    return environment
+
+
+def run_worker(spec: dict) -> dict:
+    """Runs one spec in a fresh process and returns its row."""
+    label = f"{spec['kind']} {spec['method']} kr={spec['keep_rate']} {spec['mode']}"
+    print(f"measuring {label} ...", flush=True)
+    command = [sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(spec)}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=worker_environment())
     if result.returncode != 0:
         raise RuntimeError(f"{label} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -374,18 +371,14 @@ def main(argv) -> None:
     del argv
     if FLAGS.worker:
         spec = json.loads(FLAGS.worker)
-        rows = torch_measurement(spec) if spec["kind"] == "torch" else jax_measurement(spec)
-        print(json.dumps(rows))
+        row = torch_measurement(spec) if spec["kind"] == "torch" else jax_measurement(spec)
+        print(json.dumps(row))
         return
     check_flags()
     os.makedirs(FLAGS.out, exist_ok=True)
-    tunables = os.environ.get("GLIBC_TUNABLES") or (
-        RETAIN_HOST_MEMORY if FLAGS.host_malloc == "retain" else "glibc defaults"
-    )
+    tunables = worker_environment().get("GLIBC_TUNABLES") or "glibc defaults"
     print(f"host malloc: {tunables}", flush=True)
-    rows = []
-    for spec in specs(FLAGS.config.model):
-        rows.extend(run_worker(spec))
+    rows = [run_worker(spec) for spec in specs(FLAGS.config.model)]
     print(format_table(rows))
     write_csv(rows, os.path.join(FLAGS.out, "benchmark.csv"))
     plotted = plot(rows, os.path.join(FLAGS.out, "benchmark.png"))

@@ -166,19 +166,26 @@ def attention_core(query, keys, values, bias, policy, dtype) -> tuple[jax.Array,
     )
 
 
+def attention_logits(query, keys, bias) -> jax.Array:
+    """query keys^T + bias in float32, [heads, N, N]."""
+    logits = jnp.einsum("hqd,hkd->hqk", query, keys).astype(jnp.float32)
+    return logits if bias is None else logits + bias
+
+
 def attention_probs(query, keys, bias) -> jax.Array:
     """softmax(query keys^T + bias) in float32, [heads, N, N]."""
-    logits = jnp.einsum("hqd,hkd->hqk", query, keys).astype(jnp.float32)
-    if bias is not None:
-        logits = logits + bias
-    return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.softmax(attention_logits(query, keys, bias), axis=-1)
+
+
+def attention_output(probs, values, dtype) -> tuple[jax.Array, jax.Array]:
+    """probs @ values, and the class token's probability row."""
+    return jnp.einsum("hqk,hkd->hqd", probs.astype(dtype), values), probs[:, 0, :]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def softmax_attention(query, keys, values, bias, dtype) -> tuple[jax.Array, jax.Array]:
-    """probs @ values and the class token's row of probs, with a recomputing backward pass."""
-    probs = attention_probs(query, keys, bias)
-    return jnp.einsum("hqk,hkd->hqd", probs.astype(dtype), values), probs[:, 0, :]
+    """`attention_output` of the softmax probabilities; the backward pass recomputes them."""
+    return attention_output(attention_probs(query, keys, bias), values, dtype)
 
 
 def _softmax_attention_forward(query, keys, values, bias, dtype):
@@ -220,11 +227,9 @@ def sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def policy_attention(query, keys, values, bias, policy, dtype) -> tuple[jax.Array, jax.Array]:
     """DynamicViT's masked-softmax attention (autodiff backward)."""
-    logits = jnp.einsum("hqd,hkd->hqk", query, keys).astype(jnp.float32)
-    if bias is not None:
-        logits = logits + bias
-    probs = policy_softmax(logits, policy)
-    return jnp.einsum("hqk,hkd->hqd", probs.astype(dtype), values), probs[:, 0, :]
+    return attention_output(
+        policy_softmax(attention_logits(query, keys, bias), policy), values, dtype
+    )
 
 
 def policy_softmax(logits: jax.Array, policy: jax.Array, eps: float = 1e-6) -> jax.Array:
