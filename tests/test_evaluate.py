@@ -12,7 +12,7 @@ from clca_jax.data import fabricate
 from tests.test_train_loop import (
     compilation_cache,  # noqa: F401 (a fixture)
     fabricated_folder,
-    restore_latest,
+    restore_state,
     tiny_config,
 )
 
@@ -52,7 +52,7 @@ def test_workdir_latest_and_best_give_the_training_summary(trained):
 def test_converted_directory_is_evaluated_on_the_configs_data(trained, tmp_path):
     config, workdir, summary = trained
     resolved = train.resolve_config(config, 3)
-    state, _ = restore_latest(resolved, workdir)
+    state, _ = restore_state(resolved, workdir)
     converted = str(tmp_path / "converted")
     save_pretrained(converted, state.variables(), resolved.model)
     result = evaluate.evaluate_directory(converted, config=config)

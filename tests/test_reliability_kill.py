@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from clca_jax import train
-from tests.test_train_loop import NUM_CLASSES, fabricated_folder, restore_latest, tiny_config
+from tests.test_train_loop import NUM_CLASSES, fabricated_folder, restore_state, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILL_SEED = 20250409
@@ -129,8 +129,8 @@ def train_losses(workdir: str) -> dict[int, set[float]]:
 def assert_same_run(config, expected_dir: str, actual_dir: str) -> None:
     """Same final train state bit for bit, same evaluation, same logged loss at every step."""
     resolved = train.resolve_config(config, NUM_CLASSES)
-    expected, expected_loader = restore_latest(resolved, expected_dir)
-    actual, actual_loader = restore_latest(resolved, actual_dir)
+    expected, expected_loader = restore_state(resolved, expected_dir)
+    actual, actual_loader = restore_state(resolved, actual_dir)
     assert actual_loader == expected_loader
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

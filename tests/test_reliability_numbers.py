@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from clca_jax import train
-from clca_jax.models import create_model
 from clca_jax.training import checkpoint, sharding
 from clca_jax.training import metrics as metrics_lib
 from tests.test_train_loop import (  # noqa: F401
@@ -18,6 +17,7 @@ from tests.test_train_loop import (  # noqa: F401
     build,
     compilation_cache,
     fabricated_folder,
+    restore_state,
     tiny_config,
 )
 
@@ -102,14 +102,11 @@ def whole_run(data_dir, tmp_path_factory):
 
 
 def _restore_step(config, workdir: str, step: int):
-    resolved = train.resolve_config(config, NUM_CLASSES)
-    mesh = sharding.make_mesh(resolved.mesh)
-    model = create_model(resolved.model)
-    tx, _ = train.make_optimizer(resolved, steps_per_epoch=1)
-    abstract = train.abstract_train_state(model, tx, resolved.model.img_size, resolved.seed, mesh)
+    """The train state at `step`, and the step of the workdir's newest checkpoint."""
+    state, _ = restore_state(train.resolve_config(config, NUM_CLASSES), workdir, step)
     checkpoints = checkpoint.Checkpoints(workdir, read_only=True)
     try:
-        return checkpoints.restore(abstract, step)[0], checkpoints.latest_step()
+        return state, checkpoints.latest_step()
     finally:
         checkpoints.close()
 

@@ -1,6 +1,6 @@
 """The training loop on a tiny model and fabricated data: learning, one trace, resume, outputs.
 
-The helpers here (`tiny_config`, `fabricated_folder`, `build`, `restore_latest` and the
+The helpers here (`tiny_config`, `fabricated_folder`, `build`, `restore_state` and the
 `compilation_cache` fixture) are shared by the other training tests.
 """
 
@@ -57,15 +57,16 @@ def build(config, workdir: str):
     return mesh, inputs, model, tx, schedule, state
 
 
-def restore_latest(config, workdir: str):
-    """The newest train state of a workdir, restored onto this process's devices."""
+def restore_state(config, workdir: str, step: int | None = None):
+    """A workdir's train state and input position at `step` (default: the newest checkpoint),
+    restored onto this process's devices."""
     mesh = sharding.make_mesh(config.mesh)
     model = create_model(config.model)
     tx, _ = train.make_optimizer(config, steps_per_epoch=1)
     abstract = train.abstract_train_state(model, tx, config.model.img_size, config.seed, mesh)
     checkpoints = checkpoint.Checkpoints(workdir, read_only=True)
     try:
-        state, loader_state = checkpoints.restore(abstract)
+        state, loader_state = checkpoints.restore(abstract, step)
     finally:
         checkpoints.close()
     return state, loader_state
@@ -161,8 +162,8 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(
     assert os.listdir(os.path.join(interrupted, "checkpoints")) == ["2"]
     train.train_and_evaluate(config, interrupted)
 
-    expected, expected_loader = restore_latest(config, whole)
-    resumed, resumed_loader = restore_latest(config, interrupted)
+    expected, expected_loader = restore_state(config, whole)
+    resumed, resumed_loader = restore_state(config, interrupted)
     assert resumed_loader == expected_loader
     assert int(resumed.step) == int(expected.step) == 6
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(resumed), strict=True):

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec
 
 from clca_jax import evaluate, train
 from clca_jax.training import sharding
-from tests.test_train_loop import fabricated_folder, restore_latest, tiny_config
+from tests.test_train_loop import fabricated_folder, restore_state, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,12 +24,12 @@ import json, sys
 import jax
 from clca_jax import train
 from clca_jax.training import sharding
-from tests.test_train_loop import restore_latest, tiny_config
+from tests.test_train_loop import restore_state, tiny_config
 
 config = tiny_config(sys.argv[1])
 config.mesh.data, config.mesh.fsdp = 4, 2
 summary = train.train_and_evaluate(config, sys.argv[2])
-state, _ = restore_latest(train.resolve_config(config, 3), sys.argv[2])
+state, _ = restore_state(train.resolve_config(config, 3), sys.argv[2])
 specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state)]
 print(json.dumps({
     "devices": jax.device_count(),
@@ -87,8 +87,8 @@ def test_eight_devices_with_fsdp_train_like_one_device(eight_device_run, tmp_pat
     # evaluates to the loss the 8-device run measured.
     assert jax.device_count() == 1
     resolved = train.resolve_config(config, 3)
-    state8, _ = restore_latest(resolved, workdir8)
-    state1, _ = restore_latest(resolved, str(tmp_path / "run1"))
+    state8, _ = restore_state(resolved, workdir8)
+    state1, _ = restore_state(resolved, str(tmp_path / "run1"))
     assert all(len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(state8))
     # Loose: the key biases get exactly zero gradients, whose rounding noise Adam scales up
     # to about the learning rate, differently for each summation order.
