@@ -21,11 +21,10 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clca_jax import data, pretrained, train
-from clca_jax.models import create_model
-from clca_jax.training import checkpoint, sharding
+from clca_jax import data, pretrained
+from clca_jax.training import checkpoint, evaluation, sharding, workdirs
 from clca_jax.training import metrics as metrics_lib
-from clca_jax.training.config import config_from_dict, parse_flags, validate_config
+from clca_jax.training.config import parse_flags, validate_config
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "A training workdir or a converted model directory.", required=True
@@ -82,28 +81,31 @@ def evaluate_directory(
         )
     if split:
         config.data.eval_split = split
-    validate_config(config)
-    sharding.initialize_distributed()
+    model = validate_config(config)
+    sharding.initialize_distributed(config.mesh.heartbeat_timeout_seconds)
     metrics_lib.quiet_checkpoint_logs()
     mesh = sharding.make_mesh(_mesh_for_this_machine(config.mesh))
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     _check_classes(config)
-    model = create_model(config.model)
-    variables, step = load_variables(directory, source, config, model, mesh)
-    eval_fn = train.compile_eval_step(model, sharding.tree_shardings(variables, mesh), mesh)
-    loader = train.make_eval_loader(config, config.model.img_size)
-    result = train.evaluate(eval_fn, variables, loader, mesh, train.eval_key(config.seed))
-    return train.make_summary(
-        result, config, variables["params"], model_dir=directory, checkpoint=source, step=step
+    variables, step = load_variables(directory, source, model, mesh)
+    eval_fn = evaluation.compile_eval_step(model, sharding.tree_shardings(variables, mesh), mesh)
+    loader = evaluation.eval_loader(config, model.img_size)
+    result = evaluation.evaluate(eval_fn, variables, loader, mesh, evaluation.eval_key(config.seed))
+    return evaluation.make_summary(
+        result,
+        config,
+        model,
+        variables["params"],
+        model_dir=directory,
+        checkpoint=source,
+        step=step,
     )
 
 
 def workdir_config(directory: str, override) -> ml_collections.ConfigDict:
-    path = os.path.join(directory, train.CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; was {directory} written by clca_jax.main?")
-    with open(path) as f:
-        config = config_from_dict(json.load(f))
+    """The run config saved in a workdir; `override`'s data, eval and mesh sections, if given,
+    replace the saved ones."""
+    config = workdirs.read_run_config(directory)
     if override is not None:
         for section in ("data", "eval", "mesh"):
             config[section] = override[section]
@@ -111,8 +113,7 @@ def workdir_config(directory: str, override) -> ml_collections.ConfigDict:
 
 
 def _converted_config(directory: str, config) -> ml_collections.ConfigDict:
-    with open(os.path.join(directory, pretrained.CONFIG_FILE)) as f:
-        model_config = pretrained.model_config_from_dict(json.load(f))
+    model_config = pretrained.read_model_config(directory)
     config = config.copy_and_resolve_references()
     config.model = model_config
     config.init.checkpoint = ""
@@ -140,26 +141,24 @@ def _check_classes(config) -> None:
         )
 
 
-def load_variables(directory, source, config, model, mesh) -> tuple[dict, int | None]:
-    """The model variables on the mesh, and the training step they come from."""
+def load_variables(directory, source, model, mesh) -> tuple[dict, int | None]:
+    """The model variables on the mesh, and the training step they come from (no optimizer
+    state is built or read)."""
     if source == "converted":
         _, variables = pretrained.load_pretrained(directory)
         host = jax.tree.map(jax.device_get, variables)
         return sharding.host_to_global(host, sharding.tree_shardings(host, mesh)), None
-    # The optimizer's schedule does not change the state's structure, so one step per epoch
-    # serves to build the restore target.
-    tx, _ = train.make_optimizer(config, steps_per_epoch=1)
-    abstract = train.abstract_train_state(model, tx, config.model.img_size, config.seed, mesh)
+    shapes = model.abstract_variables()
+    abstract = checkpoint.abstract_like(shapes, sharding.tree_shardings(shapes, mesh))
     checkpoints = checkpoint.Checkpoints(directory, read_only=True)
     try:
         if source == "best":
             step = checkpoints.best_step()
-            return checkpoints.restore_best(abstract.variables()), step
+            return checkpoints.restore_best(abstract), step
         step = checkpoints.latest_step()
         if step is None:
             raise FileNotFoundError(f"{directory}/{checkpoint.LATEST_DIR} holds no checkpoint.")
-        state, _ = checkpoints.restore(abstract, step)
-        return state.variables(), step
+        return checkpoints.restore_variables(abstract, step), step
     finally:
         checkpoints.close()
 
@@ -168,7 +167,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     summary = evaluate_directory(_WORKDIR.value, _CONFIG.value, _SPLIT.value, _CHECKPOINT.value)
-    logging.info(train.summary_line(summary))
+    logging.info(evaluation.summary_line(summary))
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 

@@ -18,13 +18,10 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from clca_jax.models import create_model
-from clca_jax.models.config import validate_model_config
-from clca_jax.models.registry import Backbone
-from clca_jax.models.schedule import ClcaOptions, ReductionOptions, TokenSchedule, build_schedule
+from clca_jax.models import VisionTransformer, create_model
+from clca_jax.models.schedule import TokenSchedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,23 +43,6 @@ class CostReport:
         return self.total_macs / 1e9
 
 
-def model_schedule(model_config: ml_collections.ConfigDict, train: bool = False) -> TokenSchedule:
-    """The token schedule of a `model` config, without building the model."""
-    backbone = validate_model_config(model_config)
-    num_patches = (model_config.img_size // backbone.patch_size) ** 2
-    return build_schedule(
-        backbone.depth,
-        num_patches,
-        ReductionOptions(
-            model_config.reduction.method,
-            float(model_config.reduction.keep_rate),
-            tuple(model_config.reduction.locations),
-        ),
-        ClcaOptions(**model_config.clca.to_dict()),
-        train,
-    )
-
-
 def attention_macs(tokens: int, width: int, layer_scale: bool) -> int:
     """LN1 + qkv + q scaling + q k^T + attn v + projection (+ LayerScale)."""
     macs = tokens * width + 3 * tokens * width**2 + tokens * width
@@ -76,43 +56,17 @@ def mlp_macs(tokens: int, width: int, hidden: int, layer_scale: bool) -> int:
     return macs + (tokens * width if layer_scale else 0)
 
 
-def reduction_macs(method: str, stage, width: int, heads: int) -> int:
-    """MACs of the reduction step itself (see the module docstring for what counts)."""
+def reduction_macs(model: VisionTransformer, stage) -> int:
+    """MACs of a reduction step itself, as its method declares them (0 for none or inactive)."""
     if stage is None or not stage.plan.active:
         return 0
-    tokens, count = stage.tokens_in, stage.plan.count
-    body = tokens - 1 - stage.protected
-    if method in ("evit", "topk"):
-        weighting = (body - count) * width if method == "evit" else 0
-        return body + weighting  # head mean of the CLS attention, fused-token weighting
-    if method == "tome":
-        head_dim = width // heads
-        half_a, half_b = (tokens + 1) // 2, tokens // 2
-        return tokens * head_dim + half_a * half_b * head_dim + tokens * width
-    if method == "dpcknn":
-        return body * width + body * width  # score layer, weighted merge
-    if method == "dynamicvit":
-        predictor = body * width + body * width**2 + body * width // 2
-        predictor += body * width * (width // 2) + body * (width // 2) * (width // 4)
-        return predictor + body * (width // 4) * 2
-    if method == "sit":
-        return (
-            body * width
-            + body * width * (width // 2)
-            + body * (width // 2) * count * 2
-            + (count * body * width)
-        )
-    if method == "patchmerger":
-        return body * width + 2 * count * body * width
-    if method == "ats":
-        return heads * body + body  # value-norm weighting of the CLS attention, normalisation
-    return 0
+    return model.method.macs(stage, model.backbone.embed_dim, model.backbone.num_heads)
 
 
-def head_macs(model_config: ml_collections.ConfigDict, width: int, last_tokens: int) -> int:
-    classes = model_config.num_classes
-    depths = len(model_config.reduction.locations) + 1
-    head = model_config.clca.head
+def head_macs(model: VisionTransformer, last_tokens: int) -> int:
+    width, classes = model.backbone.embed_dim, model.num_classes
+    depths = len(model.reduction.locations) + 1
+    head = model.clca.head
     if head == "cla":
         kernels = 2
         return (
@@ -123,47 +77,47 @@ def head_macs(model_config: ml_collections.ConfigDict, width: int, last_tokens: 
     return last_tokens * width + width * classes  # final LayerNorm on every token + linear head
 
 
-def count_macs(model_config: ml_collections.ConfigDict) -> CostReport:
+def count_macs(model: VisionTransformer) -> CostReport:
     """MACs of one image through the model in evaluation mode (spec 8 convention)."""
-    backbone: Backbone = validate_model_config(model_config)
-    schedule = model_schedule(model_config)
+    backbone = model.backbone
+    schedule = model.token_schedule(train=False)
     width = backbone.embed_dim
     hidden = int(width * backbone.mlp_ratio)
     layer_scale = backbone.layer_scale is not None
-    method = model_config.reduction.method
     first = schedule.blocks[0]
     total = schedule.num_patches * width * 3 * backbone.patch_size**2
     if backbone.pre_norm:
         total += first.attn_tokens * width
     block_macs = []
     for plan in schedule.blocks:
-        macs = reduction_macs(method, plan.stage, width, backbone.num_heads)
+        macs = reduction_macs(model, plan.stage)
         macs += attention_macs(plan.attn_tokens, width, layer_scale)
         macs += mlp_macs(plan.mlp_tokens, width, hidden, layer_scale)
-        if plan.cached and model_config.clca.include_gap:
+        if plan.cached and model.clca.include_gap:
             macs += width  # the GAP token's mean
         block_macs.append(macs)
-    total += sum(block_macs) + head_macs(model_config, width, schedule.tokens_out)
+    total += sum(block_macs) + head_macs(model, schedule.tokens_out)
     return CostReport(schedule, tuple(block_macs), total)
 
 
-def xla_flops(model_config: ml_collections.ConfigDict) -> float | None:
+def xla_flops(model: VisionTransformer) -> float | None:
     """XLA's FLOP count of the compiled batch-1 evaluation forward (None if unavailable)."""
-    model = create_model(model_config)
-    size = model_config.img_size
-    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    images = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jax.numpy.float32)
     forward = jax.jit(lambda v, x: model.apply(v, x)[0])
-    analysis = forward.lower(variables, images).compile().cost_analysis()
+    analysis = forward.lower(model.abstract_variables(), images).compile().cost_analysis()
     if isinstance(analysis, list):
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")
     return float(flops) if flops is not None else None
 
 
-def report_dict(model_config: ml_collections.ConfigDict, with_xla: bool = True) -> dict:
-    """The JSON form: `gmacs`, `blocks` (attention / MLP tokens per block) and XLA's count."""
-    cost = count_macs(model_config)
+def report_dict(model: VisionTransformer, with_xla: bool = True) -> dict:
+    """The JSON form: `gmacs`, `blocks` (attention / MLP tokens per block) and XLA's count.
+
+    `model` may come from `create_model(config, check_cache=False)`: a model that cannot run
+    still gets its table, with a warning instead of XLA's count.
+    """
+    cost = count_macs(model)
     result = {
         "gmacs": cost.gmacs,
         "blocks": [
@@ -179,13 +133,13 @@ def report_dict(model_config: ml_collections.ConfigDict, with_xla: bool = True) 
             f"{cost.schedule.empty_gap_blocks[0]}; this model cannot be built"
         )
     elif with_xla:
-        flops = xla_flops(model_config)
+        flops = xla_flops(model)
         result["xla_gflops"] = flops / 1e9 if flops is not None else None
     return result
 
 
 def format_table(model_config: ml_collections.ConfigDict, result: dict) -> str:
-    """The human-readable table of a `report_dict`."""
+    """The human-readable table of a `report_dict`; `model_config` names the model."""
     reduction = model_config.reduction
     lines = [
         f"{model_config.backbone} at {model_config.img_size}px, reduction {reduction.method} "
@@ -215,7 +169,8 @@ def main(argv) -> None:
     from absl import flags
 
     config = flags.FLAGS.config
-    result = report_dict(config.model, with_xla=not flags.FLAGS.skip_xla)
+    model = create_model(config.model, check_cache=False)
+    result = report_dict(model, with_xla=not flags.FLAGS.skip_xla)
     if flags.FLAGS.json:
         print(json.dumps(result))
     else:

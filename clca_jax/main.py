@@ -29,11 +29,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 PREEMPTED_EXIT_CODE = 0
 
 
-def main(argv):
+def main(argv, events: train.LoopEvents | None = None):
+    """The command; `events` lets a wrapper act at points of the loop (see `train.LoopEvents`)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, events=events)
     except train.Preempted as preempted:
         logging.warning("%s", preempted)
         sys.exit(PREEMPTED_EXIT_CODE)

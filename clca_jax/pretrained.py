@@ -22,7 +22,9 @@ from clca_jax.config_values import merge_saved
 from clca_jax.models import create_model, default_model_config
 from clca_jax.models.vit import VisionTransformer
 
-CONFIG_FILE = "config.json"
+# The `model` section only; a training workdir's config.json is the whole run config
+# (`clca_jax.training.workdirs.RUN_CONFIG_FILE`).
+MODEL_CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
 
 
@@ -49,7 +51,7 @@ def save_pretrained(
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(target, jax.tree.map(np.asarray, variables))
     checkpointer.wait_until_finished()
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
         f.write(model_config.to_json(indent=2))
     if notes:
         with open(os.path.join(directory, "conversion.txt"), "w") as f:
@@ -67,16 +69,8 @@ def load_pretrained(directory: str) -> tuple[VisionTransformer, dict]:
       ValueError: the stored variables do not fit the stored config.
     """
     directory = os.path.abspath(directory)
-    config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(
-            f"{config_path} not found; is {directory} a directory written by "
-            "tools/convert_timm_weights.py?"
-        )
-    with open(config_path) as f:
-        model_config = model_config_from_dict(json.load(f))
-    model = create_model(model_config)
-    expected = abstract_variables(model)
+    model = create_model(read_model_config(directory))
+    expected = model.abstract_variables()
     target = os.path.join(directory, VARIABLES_DIR)
     if not os.path.isdir(target):
         raise FileNotFoundError(f"{target} not found: the conversion did not finish.")
@@ -88,10 +82,25 @@ def load_pretrained(directory: str) -> tuple[VisionTransformer, dict]:
     return model, jax.tree.map(jnp.asarray, restored)
 
 
-def abstract_variables(model: VisionTransformer) -> dict:
-    """Shapes and dtypes of the model's variables, without allocating them."""
-    images = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.key(0), images)
+def read_model_config(directory: str) -> ml_collections.ConfigDict:
+    """The `model` config of a converted model directory.
+
+    Raises:
+      FileNotFoundError: the directory has no config.
+      ValueError: the file is not valid JSON or has unknown fields or wrong types.
+    """
+    path = os.path.join(os.path.abspath(directory), MODEL_CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found; is {directory} a directory written by "
+            "tools/convert_timm_weights.py?"
+        )
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); convert the model again.") from error
+    return model_config_from_dict(values)
 
 
 def check_tree_matches(actual: dict, expected: dict, what: str) -> None:

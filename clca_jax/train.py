@@ -1,7 +1,10 @@
-"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+"""Training: `train_and_evaluate(config, workdir)`.
 
 The sections follow the data: mesh, input, model, optimizer, state, steps, loop. Each is a
-small function that tests call on their own; `train_and_evaluate` strings them together.
+small function that tests call on their own; `train_and_evaluate` strings them together. The
+pieces it shares with `clca_jax.evaluate` live in `clca_jax.training`: `evaluation` (the eval
+step, one pass over a split, throughput, the summary), `workdirs` (the saved run config and
+its checks), `preemption` (SIGTERM), `warm_start`, `checkpoint`, `sharding`, `optim`.
 
 Randomness: one seed. The initial parameters use `fold_in(key(seed), 0)`; the train state
 carries the base key `fold_in(key(seed), 1)` and step `s` draws its token-reduction noise from
@@ -23,8 +26,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -32,41 +33,22 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 
 from clca_jax import data, pretrained
-from clca_jax.models import create_model
-from clca_jax.models.config import resolve_backbone
-from clca_jax.training import checkpoint, optim, sharding
+from clca_jax.models import VisionTransformer
+from clca_jax.training import checkpoint, evaluation, optim, sharding, workdirs
 from clca_jax.training import metrics as metrics_lib
 from clca_jax.training.config import validate_config
+from clca_jax.training.evaluation import SUMMARY_FILE, apply_model
+from clca_jax.training.preemption import Preempted, PreemptionNotice
 from clca_jax.training.warm_start import warm_start
 
-INIT_STREAM, TRAIN_STREAM, EVAL_STREAM = 0, 1, 2
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.json"
+INIT_STREAM, TRAIN_STREAM = 0, 1  # and evaluation.EVAL_STREAM = 2
 INIT_REPORT_FILE = "init.txt"
 TENSORBOARD_DIR = "tensorboard"
-# Test hook: `step:N` or `save:N` makes the run SIGKILL itself there (see `_test_kill_point`).
-TEST_KILL_ENV = "CLCA_TEST_KILL_AT"
-
-
-class Preempted(Exception):
-    """Training stopped at a preemption notice (SIGTERM) after saving a checkpoint.
-
-    Attributes:
-      step: the step saved; rerunning the same command continues from it.
-    """
-
-    def __init__(self, step: int, workdir: str):
-        self.step = step
-        super().__init__(
-            f"preempted (SIGTERM): saved step {step} in {workdir} and stopped; rerun the same "
-            "command to continue."
-        )
+__all__ = ["NonFiniteError", "Preempted", "SUMMARY_FILE", "train_and_evaluate"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -93,7 +75,7 @@ class Input:
 
 
 def make_input(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Input:
-    """Loaders for `config.data`, sized for the model and split over the processes."""
+    """Loaders for `config.data`, sized for `config.model.img_size`, split over the processes."""
     sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     processes = {"process_index": jax.process_index(), "process_count": jax.process_count()}
@@ -105,19 +87,8 @@ def make_input(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> In
         seed=config.seed,
         **processes,
     )
-    evaluation = make_eval_loader(config, img_size)
-    return Input(train=train, eval=evaluation, info=data.dataset_info(config.data))
-
-
-def make_eval_loader(config: ml_collections.ConfigDict, img_size: int) -> data.EvalLoader:
-    """This process's share of one pass over `config.data.eval_split`."""
-    return data.make_eval_loader(
-        config.data,
-        img_size=img_size,
-        global_batch_size=config.eval.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    loader = evaluation.eval_loader(config, img_size)
+    return Input(train=train, eval=loader, info=data.dataset_info(config.data))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,27 +110,30 @@ def resolve_config(config: ml_collections.ConfigDict, num_classes: int):
     return resolved
 
 
-def model_init_fn(model, img_size: int):
+def model_init_fn(model: VisionTransformer):
     """`key -> variables` of the model, from a dummy batch of one image."""
 
     def init(key):
         params_key, reduction_key = jax.random.split(key)
-        images = jnp.zeros((1, img_size, img_size, 3), jnp.float32)
-        return model.init({"params": params_key, "reduction": reduction_key}, images, train=False)
+        rngs = {"params": params_key, "reduction": reduction_key}
+        return model.init(rngs, model.example_images(), train=False)
 
     return init
 
 
-def init_variables(model, img_size: int, seed: int, mesh: jax.sharding.Mesh) -> dict:
+def init_variables(model: VisionTransformer, seed: int, mesh: jax.sharding.Mesh) -> dict:
     """Fresh variables, created directly on their shardings."""
-    init = model_init_fn(model, img_size)
+    init = model_init_fn(model)
     key = jax.random.fold_in(jax.random.key(seed), INIT_STREAM)
     shardings = sharding.tree_shardings(jax.eval_shape(init, key), mesh)
     return jax.jit(init, out_shardings=shardings)(key)
 
 
 def load_init_checkpoint(
-    config: ml_collections.ConfigDict, variables: dict, mesh: jax.sharding.Mesh
+    config: ml_collections.ConfigDict,
+    model: VisionTransformer,
+    variables: dict,
+    mesh: jax.sharding.Mesh,
 ) -> tuple[dict, list[str]]:
     """Variables warm-started from `config.init.checkpoint` (see `training.warm_start`).
 
@@ -168,42 +142,26 @@ def load_init_checkpoint(
     """
     path = os.path.expanduser(config.init.checkpoint)
     _, source = pretrained.load_pretrained(path)
-    backbone = resolve_backbone(config.model)
     merged, report = warm_start(
         variables,
         source,
-        grid=config.model.img_size // backbone.patch_size,
-        no_embed_class=backbone.no_embed_class,
+        grid=model.grid,
+        no_embed_class=model.backbone.no_embed_class,
         seed=config.seed,
     )
     shardings = sharding.tree_shardings(variables, mesh)
     return sharding.host_to_global(merged, shardings), [f"from {path}"] + report.lines()
 
 
-def count_parameters(params) -> int:
-    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
-
-
-def count_gmacs(model_config: ml_collections.ConfigDict) -> float | None:
-    """Multiply-accumulates of one image in G (spec 8's convention), or None where
-    `clca_jax.flops` is not available."""
-    try:
-        from clca_jax import flops
-    except ImportError:
-        return None
-    return flops.count_macs(model_config).gmacs
-
-
 # ----------------------------------------------------------------------------------------------
 # Optimizer.
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+def make_optimizer(config: ml_collections.ConfigDict, model: VisionTransformer, steps_per_epoch):
     """AdamW with the reference mask and its per-epoch schedule; returns (tx, schedule)."""
     schedule = optim.learning_rate_schedule(config.optim, config.train.epochs, steps_per_epoch)
-    # The reference's plain ViT decays its CLR tokens (a misspelt exclusion list); keep that.
-    decay_clr = config.model.reduction.method == "none"
-    return optim.make_optimizer(config.optim, schedule, decay_clr=decay_clr), schedule
+    tx = optim.adamw(config.optim, schedule, decay_clr=model.method.decays_clr)
+    return tx, schedule
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,9 +205,9 @@ def _new_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> 
     )
 
 
-def abstract_train_state(model, tx, img_size: int, seed: int, mesh: jax.sharding.Mesh):
+def abstract_train_state(model, tx, seed: int, mesh: jax.sharding.Mesh):
     """Shapes, dtypes and shardings of the train state, without allocating it."""
-    init = model_init_fn(model, img_size)
+    init = model_init_fn(model)
     shapes = jax.eval_shape(lambda key: _new_state(init(key), tx, seed), jax.random.key(seed))
     return checkpoint.abstract_like(shapes, sharding.tree_shardings(shapes, mesh))
 
@@ -265,9 +223,9 @@ def create_train_state(
 
 def initial_state(config, model, tx, mesh, workdir: str) -> TrainState:
     """Fresh variables, warm-started from `config.init.checkpoint` when set."""
-    variables = init_variables(model, config.model.img_size, config.seed, mesh)
+    variables = init_variables(model, config.seed, mesh)
     if config.init.checkpoint:
-        variables, report = load_init_checkpoint(config, variables, mesh)
+        variables, report = load_init_checkpoint(config, model, variables, mesh)
         for line in report:
             logging.info("init: %s", line)
         if jax.process_index() == 0:
@@ -282,7 +240,7 @@ def restore_or_create_state(config, model, tx, mesh, checkpoints, train_loader, 
     """The latest checkpoint of the workdir with its input position, or a new state."""
     if checkpoints.latest_step() is None:
         return initial_state(config, model, tx, mesh, workdir)
-    abstract = abstract_train_state(model, tx, config.model.img_size, config.seed, mesh)
+    abstract = abstract_train_state(model, tx, config.seed, mesh)
     state, loader_state = checkpoints.restore(abstract)
     if int(loader_state["step"]) != int(state.step):
         raise ValueError(
@@ -297,18 +255,6 @@ def restore_or_create_state(config, model, tx, mesh, checkpoints, train_loader, 
 
 # ----------------------------------------------------------------------------------------------
 # Steps.
-
-
-def apply_model(model, variables: dict, images, *, train: bool, key):
-    """Logits, aux and the new batch statistics (`{}` when the model has none)."""
-    rngs = {"reduction": key}
-    if train and "batch_stats" in variables:
-        (logits, aux), updates = model.apply(
-            variables, images, train=True, rngs=rngs, mutable=["batch_stats"]
-        )
-        return logits, aux, updates["batch_stats"]
-    logits, aux = model.apply(variables, images, train=train, rngs=rngs)
-    return logits, aux, variables.get("batch_stats", {})
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule):
@@ -360,16 +306,6 @@ def leaf_names(tree) -> list[str]:
     return ["/".join(str(getattr(key, "key", key)) for key in path) for path, _ in paths]
 
 
-def eval_step(variables: dict, batch: dict, index, rng, *, model):
-    """Metrics of one evaluation batch; `index` picks the batch's noise key from `rng`."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(rng), index)
-    logits, _, _ = apply_model(model, variables, batch["image"], train=False, key=key)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    return metrics_lib.EvalMetrics.single_from_model_output(
-        loss=loss, mask=batch["mask"], **metrics_lib.top_k_correct(logits, batch["label"])
-    )
-
-
 def compile_train_step(model, tx, schedule, state_shardings, mesh):
     """The jitted train step: explicit shardings, the state donated."""
     return jax.jit(
@@ -380,101 +316,23 @@ def compile_train_step(model, tx, schedule, state_shardings, mesh):
     )
 
 
-def compile_eval_step(model, variable_shardings, mesh):
-    """The jitted evaluation step."""
-    replicated = sharding.replicated(mesh)
-    return jax.jit(
-        functools.partial(eval_step, model=model),
-        in_shardings=(variable_shardings, sharding.batch_sharding(mesh), replicated, replicated),
-        out_shardings=replicated,
-    )
-
-
-def eval_key(seed: int) -> jax.Array:
-    return jax.random.key_data(jax.random.fold_in(jax.random.key(seed), EVAL_STREAM))
-
-
-def evaluate(step_fn, variables: dict, loader: data.EvalLoader, mesh, rng) -> dict[str, float]:
-    """One pass over the evaluation split.
-
-    Returns:
-      `loss`, `top1`, `top5` (fractions) over the real examples, `num_examples`, and
-      `images_per_second`: model throughput of the compiled step on a batch already on the
-      devices (data loading excluded), or 0 for an empty split.
-    """
-    batch_sharding = sharding.batch_sharding(mesh)
-    total, batch = None, None
-    for index, local in enumerate(loader):
-        batch = sharding.global_batch(local, batch_sharding)
-        total = metrics_lib.merge(total, step_fn(variables, batch, np.int32(index), rng))
-    if total is None:
-        return {"loss": 0.0, "top1": 0.0, "top5": 0.0, "num_examples": 0, "images_per_second": 0}
-    result = metrics_lib.to_floats(total)
-    result["num_examples"] = int(total.top1.count)
-    result["images_per_second"] = measure_throughput(step_fn, variables, batch, rng)
-    return result
-
-
-def measure_throughput(step_fn, variables, batch, rng, repeats: int = 3) -> float:
-    """Images per second of the compiled evaluation step on one resident batch."""
-    jax.block_until_ready(step_fn(variables, batch, np.int32(0), rng))
-    start = time.perf_counter()
-    for index in range(repeats):
-        out = step_fn(variables, batch, np.int32(index), rng)
-    jax.block_until_ready(out)
-    return repeats * batch["image"].shape[0] / (time.perf_counter() - start)
-
-
 # ----------------------------------------------------------------------------------------------
 # Loop.
 
 
-class PreemptionNotice:
-    """SIGTERM, the notice a preemptible machine gets, asks the loop to save and stop.
+class LoopEvents:
+    """Points of the loop where a caller may act; they do nothing here.
 
-    With one process, a handler (installed while the object is entered) sets a flag that the
-    loop reads after each step. With several, JAX's preemption service, started by
-    `jax.distributed.initialize`, catches the signal and lets all processes agree on the step
-    at which they save together.
+    The reliability tests subclass it to interrupt a run at reproducible points (after a step,
+    right after a save has started), through `train_and_evaluate(..., events=...)`.
     """
 
-    def __init__(self):
-        self.received = False
-        self._installed = False
-        self._previous = None
+    def after_step(self, step: int) -> None:
+        """Called after train step `step` (steps done), before its report and save."""
 
-    def __enter__(self) -> PreemptionNotice:
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-            self._installed = True
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._installed:
-            previous = signal.SIG_DFL if self._previous is None else self._previous
-            signal.signal(signal.SIGTERM, previous)
-            self._installed = False
-
-    def _on_signal(self, signum, frame) -> None:
-        self.received = True  # only a flag: a handler must not log or block
-
-    def reached(self, step: int) -> bool:
-        """Whether to save at `step` (steps done) and stop."""
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.received
-
-
-def _test_kill_point(phase: str, step: int) -> None:
-    """Test hook, unset in real runs: `CLCA_TEST_KILL_AT=step:N` SIGKILLs this process right
-    after train step N, `save:N` right after the save of step N has started (orbax is then
-    writing it in the background), `term:N` sends it SIGTERM after step N; so the tests
-    interrupt runs at reproducible points."""
-    hook = os.environ.get(TEST_KILL_ENV)
-    if hook == f"{phase}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if phase == "step" and hook == f"term:{step}":
-        os.kill(os.getpid(), signal.SIGTERM)
+    def after_save(self, step: int) -> None:
+        """Called right after the save of step `step` has started (orbax writes it in the
+        background)."""
 
 
 @dataclasses.dataclass
@@ -491,6 +349,7 @@ class Run:
       total_steps: steps of the whole run.
       param_names: parameter paths, to name a non-finite gradient.
       preemption: tells the loop when to save and stop.
+      events: the caller's hooks in the loop.
     """
 
     config: ml_collections.ConfigDict
@@ -502,6 +361,7 @@ class Run:
     total_steps: int
     param_names: list[str]
     preemption: PreemptionNotice
+    events: LoopEvents = dataclasses.field(default_factory=LoopEvents)
 
 
 def train_loop(run: Run, state: TrainState, mesh) -> TrainState:
@@ -516,7 +376,7 @@ def train_loop(run: Run, state: TrainState, mesh) -> TrainState:
         state, step_metrics = run.train_step(state, batch)
         running = metrics_lib.merge(running, step_metrics)
         done = step + 1
-        _test_kill_point("step", done)
+        run.events.after_step(done)
         if done % config.train.log_every_steps == 0 or done == run.total_steps:
             check_finite(run, running)
             report_train(run, progress, done, loader.steps_per_epoch, running)
@@ -529,7 +389,7 @@ def train_loop(run: Run, state: TrainState, mesh) -> TrainState:
             if running is not None and config.train.on_nonfinite == "stop":
                 check_finite(run, running)  # never save past a bad step
             run.checkpoints.save(done, state, loader.get_state())
-            _test_kill_point("save", done)
+            run.events.after_save(done)
         if preempted:
             raise Preempted(done, run.checkpoints.workdir)
     return state
@@ -589,79 +449,16 @@ def evaluate_and_keep_best(run: Run, state: TrainState, step: int) -> dict[str, 
     return result
 
 
-def check_same_model(path: str, config: ml_collections.ConfigDict) -> None:
-    """Refuses a workdir whose saved config (at `path`) describes another model: its
-    checkpoints cannot continue this one."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        before = _flat(json.load(f).get("model", {}), "model.")
-    now = _flat(json.loads(config.to_json())["model"], "model.")
-    changed = {k: (before.get(k), now.get(k)) for k in before.keys() | now.keys()}
-    changed = {k: v for k, v in changed.items() if v[0] != v[1]}
-    if changed:
-        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
-        raise ValueError(
-            f"{os.path.dirname(path)} holds a run of another model ({listed}); nothing was "
-            "changed. Use a new --workdir for this model, or the saved model settings to "
-            "resume that run."
-        )
-
-
-def warn_if_config_changed(path: str, config: ml_collections.ConfigDict) -> None:
-    """Logs the fields that differ from the config an earlier run wrote to the workdir."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        before = _flat(json.load(f))
-    now = _flat(json.loads(config.to_json()))
-    changed = {k: (before.get(k), now.get(k)) for k in before.keys() | now.keys()}
-    changed = {k: v for k, v in changed.items() if v[0] != v[1]}
-    if changed:
-        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
-        logging.warning("The config differs from the one this workdir was started with: %s", listed)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def make_summary(result: dict, config, params, **extra) -> dict:
-    """The run's headline numbers (accuracies in %) and its config."""
-    return {
-        "split": config.data.eval_split,
-        "num_examples": result["num_examples"],
-        "top1": 100 * result["top1"],
-        "top5": 100 * result["top5"],
-        "loss": result["loss"],
-        "gmacs": count_gmacs(config.model),
-        "params": count_parameters(params),
-        "images_per_second": result["images_per_second"],
-        **extra,
-        "config": json.loads(config.to_json()),
-    }
-
-
-def summary_line(summary: dict) -> str:
-    return (
-        f"{summary['split']} top-1 {summary['top1']:.2f}% (top-5 {summary['top5']:.2f}%, loss "
-        f"{summary['loss']:.4f}) on {summary['num_examples']} images"
-    )
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, events: LoopEvents | None = None
+) -> dict:
     """Trains as `config` says, resuming from `workdir` if it holds a checkpoint, then
     evaluates on `config.data.eval_split` and writes `workdir/summary.json`.
 
     Args:
       config: a training config (see `clca_jax.training.config.default_config`).
       workdir: where checkpoints, logs and the summary go.
+      events: hooks called at points of the loop (see `LoopEvents`).
 
     Returns:
       The summary dict.
@@ -673,8 +470,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         these are raised before anything in the workdir is changed, except data errors
         found while training, which leave the earlier checkpoints as they were.
     """
-    validate_config(config)
-    sharding.initialize_distributed()
+    model = validate_config(config)
+    sharding.initialize_distributed(config.mesh.heartbeat_timeout_seconds)
     metrics_lib.quiet_checkpoint_logs()
     workdir = os.path.abspath(os.path.expanduser(workdir))
     checkpoint.check_writable(workdir)
@@ -684,11 +481,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Input.
     inputs = make_input(config, mesh)
     config = resolve_config(config, inputs.info.num_classes)
-    check_same_model(os.path.join(workdir, CONFIG_FILE), config)
+    workdirs.check_same_model(workdir, config)
     # Model.
-    model = create_model(config.model)
+    model = model.clone(num_classes=config.model.num_classes)
     # Optimizer.
-    tx, schedule = make_optimizer(config, inputs.train.steps_per_epoch)
+    tx, schedule = make_optimizer(config, model, inputs.train.steps_per_epoch)
     total_steps = config.train.epochs * inputs.train.steps_per_epoch
     # State.
     checkpoints = checkpoint.Checkpoints(
@@ -698,13 +495,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         state = restore_or_create_state(config, model, tx, mesh, checkpoints, inputs.train, workdir)
         # Written only now, so a refused restart leaves the workdir as it was.
-        warn_if_config_changed(os.path.join(workdir, CONFIG_FILE), config)
-        metrics_lib.write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()))
+        workdirs.warn_if_config_changed(workdir, config)
+        metrics_lib.write_json(workdirs.run_config_path(workdir), json.loads(config.to_json()))
         writer = metrics_lib.MetricWriter(os.path.join(workdir, TENSORBOARD_DIR))
         logging.info(
             "%s: %d parameters, %d classes, %d steps (%d epochs of %d).",
             config.model.backbone,
-            count_parameters(state.params),
+            evaluation.count_parameters(state.params),
             config.model.num_classes,
             total_steps,
             config.train.epochs,
@@ -712,18 +509,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         # Steps.
         state_shardings = sharding.tree_shardings(state, mesh)
-        eval_fn = compile_eval_step(model, state_shardings.variables(), mesh)
-        rng = eval_key(config.seed)
+        eval_fn = evaluation.compile_eval_step(model, state_shardings.variables(), mesh)
+        rng = evaluation.eval_key(config.seed)
         run = Run(
             config=config,
             inputs=inputs,
             train_step=compile_train_step(model, tx, schedule, state_shardings, mesh),
-            run_eval=lambda variables: evaluate(eval_fn, variables, inputs.eval, mesh, rng),
+            run_eval=lambda variables: evaluation.evaluate(
+                eval_fn, variables, inputs.eval, mesh, rng
+            ),
             checkpoints=checkpoints,
             writer=writer,
             total_steps=total_steps,
             param_names=leaf_names(state.params),
             preemption=PreemptionNotice(),
+            events=events or LoopEvents(),
         )
         # Loop.
         start = time.perf_counter()
@@ -735,9 +535,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpoints.close()
         if writer is not None:
             writer.close()
-    summary = make_summary(
-        result, config, state.params, steps=total_steps, train_seconds=train_seconds
+    summary = evaluation.make_summary(
+        result, config, model, state.params, steps=total_steps, train_seconds=train_seconds
     )
-    metrics_lib.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
-    logging.info("%s; summary in %s", summary_line(summary), os.path.join(workdir, SUMMARY_FILE))
+    path = os.path.join(workdir, SUMMARY_FILE)
+    metrics_lib.write_json(path, summary)
+    logging.info("%s; summary in %s", evaluation.summary_line(summary), path)
     return summary

@@ -14,7 +14,7 @@ A workdir is a training workdir (`clca_jax.main --workdir`) or a converted model
 (`tools/convert_timm_weights.py --out`, which has no data, so it needs --image).
 
 How patches are followed: every reduction stage reports in `aux['kept']` what it did to the
-sequence entering it (see `clca_jax.models.reduction`). `stage_destinations` turns that into
+sequence entering it (see `clca_jax.models.reduction`). Its method's `destinations` turns that into
 the output slot of every input token (-1: dropped), and `patch_slots` composes the stages, so
 each patch knows which token holds it after every stage. Tokens that are not patches (class,
 CLR, EViT's fused and the cache's recovered tokens) have no patch, so they never show.
@@ -37,28 +37,17 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from clca_jax import data, evaluate, pretrained, train
+from clca_jax import data, evaluate, pretrained
 from clca_jax.data import pipeline, records
 from clca_jax.models import create_model
+from clca_jax.models.config import clca_in_use
 from clca_jax.models.reduction import METHODS
 from clca_jax.models.vit import Attention
-from clca_jax.training import sharding
+from clca_jax.training import evaluation, sharding, workdirs
 
-# What each method's `kept` holds (see the method files in clca_jax/models/reduction/).
-KEPT_KIND = {
-    "evit": "positions",  # [B, keep] input positions, in output order after CLS
-    "topk": "positions",
-    "dynamicvit": "positions",  # evaluation mode
-    "tome": "destinations",  # [B, N - protected] output slot of every input token
-    "dpcknn": "clusters",  # [B, n] cluster of the tokens at positions 1..n
-    "ats": "gathered",  # [B, 1 + slots] input position of every output slot, -1 padding
-    "sit": "mixing",  # [B, K, n] weights of the tokens at positions 1..n in each new token
-    "patchmerger": "mixing",
-}
-MERGING = ("tome", "dpcknn", "sit", "patchmerger")
 DIMMED = 0.3  # share of the image left in a dropped patch, blended with DROPPED_COLOR
 DROPPED_COLOR = np.asarray([0.35, 0.35, 0.45], np.float32)
-SUMMARY_FILE = train.SUMMARY_FILE
+SUMMARY_FILE = evaluation.SUMMARY_FILE
 ACCURACY_PNG = "accuracy_vs_gmacs.png"
 THROUGHPUT_PNG = "images_per_second_vs_keep_rate.png"
 
@@ -74,7 +63,7 @@ def active_stages(model) -> list:
 
 
 def stage_destinations(method: str, stage, kept: np.ndarray) -> np.ndarray:
-    """The output slot of every token entering a reduction stage.
+    """The output slot of every token entering a reduction stage (see `Method.destinations`).
 
     Args:
       method: the model's `reduction.method`.
@@ -83,37 +72,12 @@ def stage_destinations(method: str, stage, kept: np.ndarray) -> np.ndarray:
 
     Returns:
       int [B, stage.tokens_in]: the slot in the stage's output sequence of each input token,
-      -1 where the token was dropped (EViT's dropped tokens, fused into one token, count as
-      dropped). Merging methods send several tokens to one slot.
+      -1 where the token was dropped.
     """
-    if method not in KEPT_KIND:
-        raise ValueError(f"no token map for reduction.method={method!r}; known: {list(KEPT_KIND)}")
-    kept = np.asarray(kept)
-    batch, length, protected = kept.shape[0], stage.tokens_in, stage.protected
-    end = length - protected
-    dest = np.full((batch, length), -1, np.int64)
-    rows = np.arange(batch)[:, None]
-    kind = KEPT_KIND[method]
-    if kind == "positions":
-        dest[:, 0] = 0
-        dest[rows, kept] = 1 + np.arange(kept.shape[1])
-    elif kind == "destinations":
-        dest[:, :end] = kept
-    elif kind == "clusters":
-        dest[:, 0] = 0
-        dest[:, 1:end] = 1 + kept
-    elif kind == "gathered":
-        slots = np.broadcast_to(np.arange(kept.shape[1]), kept.shape)
-        real = kept >= 0
-        dest[np.broadcast_to(rows, kept.shape)[real], kept[real]] = slots[real]
-    elif kept.shape[1]:  # mixing weights; with no new token everything but CLS is gone
-        dest[:, 0] = 0
-        dest[:, 1:end] = 1 + np.argmax(kept, axis=1)
-    else:
-        dest[:, 0] = 0
-    # The protected suffix (CLR and cache tokens) moves as a block to the end.
-    dest[:, end:] = stage.plan.tokens_out - protected + np.arange(protected)
-    return dest
+    reducing = [name for name, cls in METHODS.items() if cls.reduces]
+    if method not in reducing:
+        raise ValueError(f"no token map for reduction.method={method!r}; known: {reducing}")
+    return METHODS[method].destinations(stage, kept)
 
 
 def patch_slots(model, kept: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -133,12 +97,11 @@ def patch_slots(model, kept: Sequence[np.ndarray]) -> list[np.ndarray]:
             f"the model plans {len(stages)} reduction stages but aux['kept'] has {len(kept)}; "
             "pass the aux of an evaluation pass (train=False) of this model."
         )
-    method = model.reduction.method
     batch = np.asarray(kept[0]).shape[0] if kept else 1
     slots = np.broadcast_to(1 + np.arange(model.num_patches), (batch, model.num_patches))
     result = []
     for stage, stage_kept in zip(stages, kept, strict=True):
-        dest = stage_destinations(method, stage, stage_kept)
+        dest = model.method.destinations(stage, stage_kept)
         moved = np.take_along_axis(dest, np.maximum(slots, 0), axis=1)
         slots = np.where(slots >= 0, moved, -1)
         result.append(slots)
@@ -147,7 +110,7 @@ def patch_slots(model, kept: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 def slots_before_block(model, slots: Sequence[np.ndarray], block: int) -> np.ndarray:
     """Each patch's slot in the sequence that block `block`'s attention sees, [B, P]."""
-    placement = METHODS[model.reduction.method].placement
+    placement = model.method.placement
     current = np.broadcast_to(1 + np.arange(model.num_patches), (1, model.num_patches))
     for stage, stage_slots in zip(active_stages(model), slots, strict=True):
         if stage.block < block or (stage.block == block and placement == "before"):
@@ -261,11 +224,11 @@ class KeptTokens:
 
 def model_label(model) -> str:
     """`evit kr=0.5 + CLCA` style description of a model's reduction setting."""
-    reduction, clca = model.reduction, model.clca
-    label = reduction.method if reduction.method != "none" else "no reduction"
-    if reduction.method != "none":
+    reduction = model.reduction
+    label = reduction.method if model.method.reduces else "no reduction"
+    if model.method.reduces:
         label += f" kr={reduction.keep_rate:g}"
-    if clca.head != "none" or clca.clc:
+    if clca_in_use(model.clca):
         label += " + CLCA"
     return label
 
@@ -277,11 +240,11 @@ def kept_tokens(model, variables: dict, pixels: np.ndarray, label: str | None = 
     return KeptTokens(
         label=label or model_label(model),
         pixels=np.asarray(pixels),
-        grid=model.img_size // model.backbone.patch_size,
+        grid=model.grid,
         blocks=tuple(stage.block for stage in stages),
         slots=tuple(s[0] for s in patch_slots(model, kept)),
         tokens_out=tuple(stage.plan.tokens_out for stage in stages),
-        merging=model.reduction.method in MERGING,
+        merging=model.method.merges,
     )
 
 
@@ -367,8 +330,7 @@ def cls_attention_map(model, variables: dict, pixels: np.ndarray, block: int | N
     row = probs.mean(axis=0)  # class-token query, head mean
     slots = slots_before_block(model, patch_slots(model, kept), block)[0]
     values = np.where(slots >= 0, row[np.maximum(slots, 0)], np.nan)
-    grid = model.img_size // model.backbone.patch_size
-    return values.reshape(grid, grid).astype(np.float32)
+    return values.reshape(model.grid, model.grid).astype(np.float32)
 
 
 def plot_cls_attention(pixels: np.ndarray, attention: np.ndarray, title: str = "") -> Figure:
@@ -427,11 +389,13 @@ def summary_setting(summary: dict) -> tuple[str, float]:
     """(series label, keep rate) of a run: runs differing only in keep rate share a label; a
     run without reduction has keep rate 1 whatever its config says."""
     model = summary["config"]["model"]
-    reduction, clca = model["reduction"], model["clca"]
-    label = reduction["method"] if reduction["method"] != "none" else "no reduction"
-    if clca["head"] != "none" or clca["clc"]:
+    reduction = model["reduction"]
+    method = METHODS.get(reduction["method"])
+    reduces = method is None or method.reduces  # a method registered in another program
+    label = reduction["method"] if reduces else "no reduction"
+    if clca_in_use(ml_collections.ConfigDict(model["clca"])):
         label += " + CLCA"
-    keep_rate = float(reduction["keep_rate"]) if reduction["method"] != "none" else 1.0
+    keep_rate = float(reduction["keep_rate"]) if reduces else 1.0
     return f"{model['backbone']}: {label}", keep_rate
 
 
@@ -516,10 +480,10 @@ def load_run(directory: str, which: str = "latest"):
     if evaluate.is_converted_model(directory):
         model, variables = pretrained.load_pretrained(directory)
         return model, variables, None
-    config = evaluate.workdir_config(directory, None)
+    config = workdirs.read_run_config(directory)
     model = create_model(config.model)
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
-    variables, _ = evaluate.load_variables(directory, which, config, model, mesh)
+    variables, _ = evaluate.load_variables(directory, which, model, mesh)
     return model, variables, config
 
 

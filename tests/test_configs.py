@@ -11,7 +11,8 @@ import pytest
 
 from clca_jax import train
 from clca_jax.data import fabricate, ufgir
-from clca_jax.training import sharding
+from clca_jax.models import create_model
+from clca_jax.training import evaluation, sharding
 from clca_jax.training.config import validate_config
 from tests.test_train_loop import build, compilation_cache  # noqa: F401
 
@@ -67,11 +68,11 @@ def test_demo_config_is_valid_and_small():
     config = load("demo")
     validate_config(config)
     assert config.data.name == "demo" and config.init.checkpoint == ""
-    model = train.create_model(config.model)
+    model = create_model(config.model)
     variables = jax.eval_shape(
         lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
     )
-    assert train.count_parameters(variables["params"]) < 2_000_000
+    assert evaluation.count_parameters(variables["params"]) < 2_000_000
 
 
 def test_unknown_variant_and_unknown_override_fail_clearly(tmp_path):

@@ -135,12 +135,12 @@ def test_fresh_head_when_classes_differ(tmp_path):
 
 
 @pytest.mark.parametrize("attention", ["per_image", "batched"])
-def test_training_gradients_match_timm(tmp_path, monkeypatch, attention):
+def test_training_gradients_match_timm(tmp_path, attention):
     """The backward pass (recomputing attention, erf GELU) gives PyTorch autograd's gradients."""
-    monkeypatch.setenv("CLCA_ATTENTION", attention)
     source = make_timm_model("vit_base_patch16_224", 224, NUM_CLASSES, seed=7, **TINY)
     checkpoint = save_state_dict(source.state_dict(), str(tmp_path / "w.pth"))
     model, variables = convert(tmp_path, checkpoint, "vit_base_patch16_224", 224)
+    model = model.clone(attention=attention)
     images = random_images(2, 224, seed=8)
     labels = np.array([3, 7])
 

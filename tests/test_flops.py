@@ -9,10 +9,14 @@ import sys
 
 import pytest
 
-from clca_jax.flops import count_macs
-from clca_jax.models import default_model_config
+from clca_jax import flops
+from clca_jax.models import create_model, default_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def count_macs(model_config):
+    return flops.count_macs(create_model(model_config))
 
 
 def config(method="none", keep_rate=1.0, clca=False, img_size=448, classes=80):

@@ -96,7 +96,7 @@ def test_reduction_location_outside_depth():
 
 
 @pytest.mark.parametrize("method", ["evit", "tome", "ats", "dynamicvit"])
-def test_batched_and_per_image_attention_agree(monkeypatch, method):
+def test_batched_and_per_image_attention_agree(method):
     """Accelerators batch the attention, the CPU loops over images: same numbers."""
     config = tiny_config()
     config.img_size = 64
@@ -109,9 +109,9 @@ def test_batched_and_per_image_attention_agree(monkeypatch, method):
     variables = jax.jit(model.init)({"params": jax.random.key(0)}, images)
     outputs = {}
     for choice in ("batched", "per_image"):
-        monkeypatch.setenv("CLCA_ATTENTION", choice)
+        chosen = model.clone(attention=choice)
         run = jax.jit(
-            lambda v, x: model.apply(
+            lambda v, x, chosen=chosen: chosen.apply(
                 v, x, train=True, rngs={"reduction": jax.random.key(1)}, mutable=["batch_stats"]
             )[0][0]
         )

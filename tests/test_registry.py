@@ -10,7 +10,6 @@ import timm
 import torch
 
 from clca_jax.models import create_model, default_model_config, get_backbone, list_backbones
-from clca_jax.pretrained import abstract_variables
 
 
 def timm_meta_model(name: str):
@@ -49,7 +48,7 @@ def test_parameter_count_matches_timm(name):
     config.backbone = name
     config.img_size = get_backbone(name).img_size
     config.num_classes = reference.num_classes
-    shapes = abstract_variables(create_model(config))["params"]
+    shapes = create_model(config).abstract_variables()["params"]
     ours = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
     assert ours == sum(p.numel() for p in reference.parameters())
 

@@ -2,8 +2,9 @@
 
 Every run here is `python -m clca_jax.main` in a subprocess on the tiny model of
 `tests.test_train_loop` (3 epochs of 3 steps, a checkpoint every 2 steps, a TensorBoard point
-every step). Deterministic kill points use the training loop's test hook `CLCA_TEST_KILL_AT`
-(`step:N`, `save:N`, `term:N`); one more kill comes from this process at a random time. Kill
+every step). Deterministic kill points (`step:N`, `save:N`, `term:N`) run the same command
+through `tests.killable_main`, which acts at the training loop's `LoopEvents` hooks; one more
+kill comes from this process at a random time. Kill
 points are drawn from a seeded generator, so a failure repeats.
 
 The helpers (`write_cli_config`, `cli_env`, `run_cli`, `train_losses`, `assert_same_run`) are
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 
 from clca_jax import train
+from tests.killable_main import KILL_AT_ENV
 from tests.test_train_loop import NUM_CLASSES, fabricated_folder, restore_state, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +67,7 @@ def cli_env(cache_dir: str, **extra) -> dict:
     """The environment of a run: CPU, a shared compilation cache, unbuffered output."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)
-    env.pop(train.TEST_KILL_ENV, None)
+    env.pop(KILL_AT_ENV, None)
     env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
@@ -73,11 +75,12 @@ def cli_env(cache_dir: str, **extra) -> dict:
     return env
 
 
-def main_command(config_path: str, workdir: str) -> list[str]:
+def main_command(config_path: str, workdir: str, env: dict) -> list[str]:
+    """The training command; with a kill point in `env`, through `tests.killable_main`."""
     return [
         sys.executable,
         "-m",
-        "clca_jax.main",
+        "tests.killable_main" if env.get(KILL_AT_ENV) else "clca_jax.main",
         f"--config={config_path}",
         f"--workdir={workdir}",
     ]
@@ -90,7 +93,7 @@ def run_cli(config_path: str, workdir: str, env: dict, kill_after: float | None 
       (return code, combined output).
     """
     process = subprocess.Popen(
-        main_command(config_path, workdir),
+        main_command(config_path, workdir, env),
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -192,7 +195,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(setup, tmp_path):
     kills, temporaries = [], 0
     for hook in hooks:
         start = time.perf_counter()
-        code, output = run_cli(config_path, workdir, dict(env, **{train.TEST_KILL_ENV: hook}))
+        code, output = run_cli(config_path, workdir, dict(env, **{KILL_AT_ENV: hook}))
         restart_seconds = time.perf_counter() - start  # start-up (cached compile) to kill
         assert code == -signal.SIGKILL, (hook, output[-4000:])
         kills.append(hook)
@@ -223,7 +226,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(setup, tmp_path):
 def test_sigterm_saves_and_exits_cleanly_then_the_run_continues(setup, tmp_path):
     data_dir, config_path, env, whole = setup
     workdir = str(tmp_path / "preempted")
-    code, output = run_cli(config_path, workdir, dict(env, **{train.TEST_KILL_ENV: "term:3"}))
+    code, output = run_cli(config_path, workdir, dict(env, **{KILL_AT_ENV: "term:3"}))
     assert code == 0, output[-4000:]
     assert "preempted (SIGTERM): saved step 3" in output
     assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))

@@ -52,7 +52,7 @@ def build(config, workdir: str):
     inputs = train.make_input(config, mesh)
     config = train.resolve_config(config, inputs.info.num_classes)
     model = create_model(config.model)
-    tx, schedule = train.make_optimizer(config, inputs.train.steps_per_epoch)
+    tx, schedule = train.make_optimizer(config, model, inputs.train.steps_per_epoch)
     state = train.initial_state(config, model, tx, mesh, workdir)
     return mesh, inputs, model, tx, schedule, state
 
@@ -62,8 +62,8 @@ def restore_state(config, workdir: str, step: int | None = None):
     restored onto this process's devices."""
     mesh = sharding.make_mesh(config.mesh)
     model = create_model(config.model)
-    tx, _ = train.make_optimizer(config, steps_per_epoch=1)
-    abstract = train.abstract_train_state(model, tx, config.model.img_size, config.seed, mesh)
+    tx, _ = train.make_optimizer(config, model, steps_per_epoch=1)
+    abstract = train.abstract_train_state(model, tx, config.seed, mesh)
     checkpoints = checkpoint.Checkpoints(workdir, read_only=True)
     try:
         state, loader_state = checkpoints.restore(abstract, step)

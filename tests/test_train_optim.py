@@ -54,7 +54,7 @@ def test_decay_mask_spares_one_dimensional_leaves_biases_and_embeddings():
 def test_adamw_decays_only_masked_leaves_by_lr_times_decay():
     config = default_config()
     config.optim.weight_decay = 0.5
-    tx = optim.make_optimizer(config.optim, lambda step: 0.1)
+    tx = optim.adamw(config.optim, lambda step: 0.1)
     params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
@@ -66,8 +66,8 @@ def test_adamw_decays_only_masked_leaves_by_lr_times_decay():
 def test_gradient_clipping_is_off_by_default_and_runs_first_when_set():
     config = default_config()
     params = {"w": jnp.ones((3, 3))}
-    plain = optim.make_optimizer(config.optim, lambda s: 1e-3).init(params)
+    plain = optim.adamw(config.optim, lambda s: 1e-3).init(params)
     config.optim.grad_clip_norm = 1.0
-    clipped = optim.make_optimizer(config.optim, lambda s: 1e-3).init(params)
+    clipped = optim.adamw(config.optim, lambda s: 1e-3).init(params)
     assert len(clipped) == 2
     assert jax.tree.structure(clipped[1]) == jax.tree.structure(plain)

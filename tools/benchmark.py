@@ -131,7 +131,7 @@ def jax_measurement(spec: dict) -> dict:
     labels = jnp.zeros((batch,), jnp.int32)
     rngs = {"params": jax.random.key(0), "reduction": jax.random.key(1)}
     variables = jax.jit(model.init)(rngs, images[:1])
-    gmacs = count_macs(config).gmacs
+    gmacs = count_macs(model).gmacs
     peak = matmul_peak_flops(spec["repeats"])
     traces = []
 
@@ -199,6 +199,7 @@ def torch_measurement(spec: dict) -> dict:
     import torch
 
     from clca_jax.convert.verify import build_timm_model
+    from clca_jax.models import NO_REDUCTION
     from clca_jax.pretrained import model_config_from_dict
 
     torch.set_num_threads(os.cpu_count())
@@ -228,7 +229,7 @@ def torch_measurement(spec: dict) -> dict:
     seconds = median_seconds(run, spec["repeats"])
     return {
         "framework": "torch",
-        "method": "none",
+        "method": NO_REDUCTION,
         "keep_rate": 1.0,
         "mode": mode,
         "images_per_s": batch / seconds,
@@ -247,7 +248,7 @@ def torch_measurement(spec: dict) -> dict:
 
 def specs(model_config) -> list[dict]:
     """One worker spec per (method, keep rate, mode), each validated before any worker starts."""
-    from clca_jax.models import create_model
+    from clca_jax.models import METHODS, NO_REDUCTION, create_model
 
     try:
         keep_rates = [float(rate) for rate in FLAGS.keep_rates]
@@ -256,7 +257,9 @@ def specs(model_config) -> list[dict]:
         raise app.UsageError(f"--keep_rates must be numbers, got {rates}.") from None
     result = []
     for method in FLAGS.methods:
-        for keep_rate in [1.0] if method == "none" else keep_rates:
+        # An unknown name is refused below, by the model's own validation.
+        reduces = method not in METHODS or METHODS[method].reduces
+        for keep_rate in keep_rates if reduces else [1.0]:
             model = model_config.copy_and_resolve_references()
             model.reduction.method = method
             model.reduction.keep_rate = keep_rate
@@ -278,7 +281,9 @@ def specs(model_config) -> list[dict]:
                 )
     if FLAGS.torch:
         for mode in FLAGS.modes:
-            result.append(dict(result[0], kind="torch", method="none", keep_rate=1.0, mode=mode))
+            result.append(
+                dict(result[0], kind="torch", method=NO_REDUCTION, keep_rate=1.0, mode=mode)
+            )
     return result
 
 

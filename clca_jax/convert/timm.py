@@ -10,48 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
 from collections.abc import Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from clca_jax.convert.resample import resample_pos_embed
-from clca_jax.models import create_model
-from clca_jax.models.config import resolve_backbone
-from clca_jax.models.reduction import METHODS
+from clca_jax.convert.adapt import Report, adapt_pos_embed
+from clca_jax.models import VisionTransformer, create_model
+from clca_jax.models.clca import registers_from_class_token
+from clca_jax.models.config import NO_HEAD
+from clca_jax.models.reduction import Method, NoReduction
 from clca_jax.models.registry import Backbone
 
 
 class ConversionError(ValueError):
     """The checkpoint cannot become the requested model; the message says which key and why."""
-
-
-@dataclasses.dataclass
-class ConversionReport:
-    """What happened to every key.
-
-    Attributes:
-      mapped: checkpoint keys copied into the model (possibly transposed or resampled).
-      resampled: keys whose values were resampled (position embedding), with old -> new shape.
-      fresh: model parameters not taken from the checkpoint (new head, CLR tokens), with why.
-      dropped: checkpoint keys deliberately not used, with why.
-    """
-
-    mapped: list[str] = dataclasses.field(default_factory=list)
-    resampled: dict[str, str] = dataclasses.field(default_factory=dict)
-    fresh: dict[str, str] = dataclasses.field(default_factory=dict)
-    dropped: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def summary(self) -> str:
-        lines = [f"mapped {len(self.mapped)} checkpoint tensors"]
-        lines += [f"resampled {key}: {how}" for key, how in self.resampled.items()]
-        lines += [f"fresh {key}: {why}" for key, why in self.fresh.items()]
-        lines += [f"dropped {key}: {why}" for key, why in self.dropped.items()]
-        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,15 +114,15 @@ def is_openclip(state: Mapping[str, np.ndarray]) -> bool:
 
 
 def openclip_to_timm(
-    state: Mapping[str, np.ndarray], report: ConversionReport | None = None
+    state: Mapping[str, np.ndarray], report: Report | None = None
 ) -> dict[str, np.ndarray]:
     """Renames an OpenCLIP image tower to timm keys; the text tower is dropped (reported)."""
-    report = report if report is not None else ConversionReport()
+    report = report if report is not None else Report()
     out = {}
     for key, value in state.items():
         name = key.removeprefix("module.")
         if not name.startswith("visual."):
-            report.dropped[key] = "not part of the image tower"
+            report.drop(key, "not part of the image tower")
             continue
         name = name.removeprefix("visual.")
         if name == "proj":
@@ -231,31 +206,24 @@ _HEAD_MODULES = {
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
 
 
-def flax_to_timm_key(path: tuple[str, ...], method: str = "none") -> str:
+def flax_to_timm_key(path: tuple[str, ...], method: type[Method] = NoReduction) -> str:
     """The reference (timm-style) key of a Flax leaf.
 
     ('blocks_3', 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight';
     ('cla_head', 'depthwise', 'kernel') -> 'ifa_head.0.1.weight';
-    ('reduction_1', 'predictor', 'fc1', 'bias') -> 'score_predictor.1.out_conv.0.bias'.
+    ('reduction_1', 'predictor', 'fc1', 'bias') -> 'score_predictor.1.out_conv.0.bias' (the
+    reduction method's own names: `Method.checkpoint_key`).
     """
     *modules, leaf = path
     if modules and modules[0].startswith("reduction_"):
-        return _reduction_key(modules, leaf, METHODS[method])
+        stage, inner = modules[0].removeprefix("reduction_"), tuple(modules[1:])
+        # A parameter of the method's module itself keeps its name (SiT's `scale`).
+        return method.checkpoint_key(stage, inner, _LEAF_NAMES.get(leaf, leaf) if inner else leaf)
     leaf = _LEAF_NAMES.get(leaf, leaf)
     if modules and modules[0] in _HEAD_MODULES:
         return f"{_HEAD_MODULES[modules[0]][modules[1]]}.{leaf}"
     name = ".".join(modules + [leaf])
     return re.sub(r"(^|\.)([A-Za-z_]+?)_(\d+)(?=\.)", r"\1\2.\3", name)
-
-
-def _reduction_key(modules: list[str], leaf: str, method) -> str:
-    stage = modules[0].removeprefix("reduction_")
-    prefix = f"{method.official_prefix}.{stage}"
-    if len(modules) == 1:  # a parameter of the method itself (SiT's scale, PatchMerger's queries)
-        return f"{prefix}.{leaf}"
-    inner = "/".join(modules[1:])
-    inner = getattr(method, "official_names", {}).get(inner, inner.replace("/", "."))
-    return f"{prefix}.{inner}.{_LEAF_NAMES.get(leaf, leaf)}"
 
 
 def to_flax_layout(key: str, value: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
@@ -287,7 +255,7 @@ def convert_state_dict(
     *,
     antialias: bool = True,
     seed: int = 0,
-) -> tuple[dict, ConversionReport]:
+) -> tuple[dict, Report]:
     """Converts a timm-format (or OpenCLIP) state dict into the model's Flax variables.
 
     Args:
@@ -305,50 +273,42 @@ def convert_state_dict(
       ConversionError: a key is missing, unknown or of the wrong shape, or the checkpoint is of
         another architecture.
     """
-    report = ConversionReport()
+    report = Report()
     if is_openclip(state):
         state = openclip_to_timm(state, report)
         antialias = False
-    backbone = resolve_backbone(model_config)
-    check_architecture(state, backbone, model_config.backbone)
     model = create_model(model_config)
-    size = model_config.img_size
-    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-    abstract = jax.eval_shape(model.init, jax.random.key(seed), dummy)
-
-    stored_registers = state["clr"].shape[1] if "clr" in state else 0
+    check_architecture(state, model.backbone, model_config.backbone)
+    dummy = model.example_images()
     converter = _Converter(
-        stored_registers=stored_registers,
+        model=model,
+        stored_registers=state["clr"].shape[1] if "clr" in state else 0,
         remaining=dict(state),
-        backbone=backbone,
-        num_patches=model.num_patches,
-        img_size=size,
         antialias=antialias,
         rng=np.random.default_rng(seed),
         report=report,
         initialise=functools.cache(lambda: jax.jit(model.init)(jax.random.key(seed), dummy)),
     )
     leaves = {}
-    method = model_config.reduction.method
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model.abstract_variables())[0]:
         names = _path_names(path)
-        leaves[names] = converter.take(flax_to_timm_key(names[1:], method), names, leaf)
+        leaves[names] = converter.take(flax_to_timm_key(names[1:], model.method), names, leaf)
     for key in sorted(converter.remaining):
         why = _unused_reason(key, model_config)
         if why is None:
             raise ConversionError(
                 f"Checkpoint key {key!r} (shape {tuple(converter.remaining[key].shape)}) has no "
                 f"place in the model ({model_config.backbone}, reduction "
-                f"{method!r}, head {model_config.clca.head!r}); is the configuration right for "
-                "this checkpoint?"
+                f"{model_config.reduction.method!r}, head {model_config.clca.head!r}); is the "
+                "configuration right for this checkpoint?"
             )
-        report.dropped[key] = why
+        report.drop(key, why)
     return _unflatten(leaves), report
 
 
 def _unused_reason(key: str, model_config: ml_collections.ConfigDict) -> str | None:
     """Why a checkpoint key is deliberately left out, or None when it is unexpected."""
-    if key.startswith("head.") and model_config.clca.head != "none":
+    if key.startswith("head.") and model_config.clca.head != NO_HEAD:
         return "the reference's unused classifier (the CLA/IFA head classifies)"
     if key.endswith("num_batches_tracked"):
         return "BatchNorm step counter (not needed)"
@@ -359,14 +319,12 @@ def _unused_reason(key: str, model_config: ml_collections.ConfigDict) -> str | N
 class _Converter:
     """Takes model leaves one by one out of `remaining` (the checkpoint keys not yet used)."""
 
+    model: VisionTransformer
     stored_registers: int
     remaining: dict[str, np.ndarray]
-    backbone: Backbone
-    num_patches: int
-    img_size: int
     antialias: bool
     rng: np.random.Generator
-    report: ConversionReport
+    report: Report
     initialise: Callable[[], dict]  # the model's own initial variables (computed on demand)
     cls_token: np.ndarray | None = None
 
@@ -385,13 +343,11 @@ class _Converter:
         """CLR tokens of a CLCA checkpoint; a different count is re-created from CLS."""
         value = self.remaining.pop(key)
         if value.shape == init_value.shape:
-            self.report.mapped.append(key)
+            self.report.copied.append(key)
             return value
-        self.report.dropped[key] = (
-            f"{value.shape[1]} CLR tokens, the model has {init_value.shape[1]}"
-        )
+        self.report.drop(key, f"{value.shape[1]} CLR tokens, the model has {init_value.shape[1]}")
         self.report.fresh[key] = "CLR tokens initialised as copies of the class token"
-        return np.tile(self._cls_token(), (1, init_value.shape[1], 1))
+        return registers_from_class_token(self._cls_token(), init_value.shape[1])
 
     def take(self, key: str, names: tuple[str, ...], init_value) -> np.ndarray:
         """The checkpoint value for one model leaf (mapped, resampled or fresh).
@@ -408,13 +364,13 @@ class _Converter:
             return self._registers(key, init_value)
         if key == "clr":
             self.report.fresh[key] = "CLR tokens initialised as copies of the class token"
-            return np.tile(self._cls_token(), (1, expected[1], 1))
+            return registers_from_class_token(self._cls_token(), expected[1])
         if key not in self.remaining:
             raise ConversionError(
                 f"Checkpoint has no {key!r} (shape {expected}), which the model needs."
             )
         value = to_flax_layout(key, self.remaining.pop(key), expected)
-        self.report.mapped.append(key)
+        self.report.copied.append(key)
         if key == "cls_token":
             self.cls_token = value
         if key == "pos_embed":
@@ -431,49 +387,33 @@ class _Converter:
         classes = init_value.shape[-1]
         if value is not None:
             stored = to_flax_layout(key, value, tuple(init_value.shape))
-            if stored.shape == init_value.shape:
-                del self.remaining[key]
-                self.report.mapped.append(key)
-                return stored
             del self.remaining[key]
-            self.report.dropped[key] = (
-                f"{value.shape[0]}-class head, the model has {classes} classes"
-            )
+            if stored.shape == init_value.shape:
+                self.report.copied.append(key)
+                return stored
+            self.report.drop(key, f"{value.shape[0]}-class head, the model has {classes} classes")
         self.report.fresh[key] = f"new head for {classes} classes"
         return self.initial(names)
 
     def _pos_embed(self, value: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
-        """Resamples the patch rows to the model's grid and appends fresh CLR rows."""
-        num_prefix = 0 if self.backbone.no_embed_class else 1
-        grid = self.img_size // self.backbone.patch_size
-        stored_registers = 0
-        if not self.backbone.no_embed_class and self.stored_registers:
-            stored_registers = self.stored_registers
-        value, register_rows = (
-            value[:, : value.shape[1] - stored_registers],
-            value[:, value.shape[1] - stored_registers :],
-        )
-        stored_patches = value.shape[1] - num_prefix
-        side = math.isqrt(stored_patches)
-        if side * side != stored_patches:
-            raise ConversionError(
-                f"pos_embed has {value.shape[1]} rows; with {num_prefix} class-token row(s) the "
-                f"remaining {stored_patches} do not form a square grid. Is --model right?"
+        """The checkpoint's embedding on the model's grid, with the model's CLR rows."""
+        no_embed_class = self.model.backbone.no_embed_class
+        num_prefix = 0 if no_embed_class else 1
+        try:
+            adapted, how = adapt_pos_embed(
+                value,
+                grid=self.model.grid,
+                num_prefix=num_prefix,
+                source_registers=0 if no_embed_class else self.stored_registers,
+                target_registers=expected[1] - num_prefix - self.model.num_patches,
+                antialias=self.antialias,
+                rng=self.rng,
             )
-        resampled = resample_pos_embed(value, (grid, grid), num_prefix, self.antialias)
-        if resampled.shape != value.shape:
-            kernel = "antialiased a=-0.5" if self.antialias else "non-antialiased a=-0.75"
-            self.report.resampled["pos_embed"] = (
-                f"{side}x{side} -> {grid}x{grid} grid, bicubic {kernel}"
-            )
-        wanted = expected[1] - num_prefix - self.num_patches  # CLR rows of the model
-        if wanted and register_rows.shape[1] == wanted:
-            return np.concatenate([resampled, register_rows], axis=1)
-        if wanted:
-            rows = self.rng.normal(0.0, 0.02, (1, wanted, value.shape[2])).astype(np.float32)
-            resampled = np.concatenate([resampled, rows], axis=1)
-            self.report.fresh["pos_embed[CLR rows]"] = f"{wanted} rows drawn from N(0, 0.02^2)"
-        return resampled
+        except ValueError as error:
+            raise ConversionError(f"{error} Is --model right?") from error
+        if how:
+            self.report.adapted["pos_embed"] = "; ".join(how)
+        return adapted
 
 
 def _unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> dict:

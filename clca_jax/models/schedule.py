@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from clca_jax.models.reduction import METHODS
+from clca_jax.models.reduction import NO_REDUCTION, get_method
 from clca_jax.models.reduction.base import PlanContext, Stage
 
 
@@ -32,7 +32,7 @@ class ClcaOptions:
 class ReductionOptions:
     """The `model.reduction` fields."""
 
-    method: str = "none"
+    method: str = NO_REDUCTION
     keep_rate: float = 1.0
     locations: tuple[int, ...] = (3, 6, 9)
 
@@ -126,13 +126,13 @@ def build_schedule(
     Raises:
       ValueError: a method asked for more tokens than exist.
     """
-    method = METHODS[reduction.method]
-    locations = tuple(reduction.locations) if reduction.method != "none" else ()
+    method = get_method(reduction.method)
+    locations = tuple(reduction.locations) if method.reduces else ()
     cls_locations = tuple(reduction.locations) + (depth - 1,)
     recovery = recovery_layers(depth, reduction.locations, clca)
     pool_start = 0 if clca.pool_cls else 1
     num_clr = clca.num_clr
-    protect = clca.protect_cache or getattr(method, "protects_suffix", False)
+    protect = clca.protect_cache or method.protects_suffix
 
     length = 1 + num_patches + num_clr
     pool_end = length - num_clr if (num_clr and not clca.pool_clr) else length

@@ -10,7 +10,6 @@ accelerators); LayerNorm, softmax and the residual stream stay in float32.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -19,14 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from clca_jax.models.activations import gelu
-from clca_jax.models.clca import CLAHead, IFAHead, cache_entry
+from clca_jax.models.clca import CLAHead, IFAHead, cache_entry, registers_from_class_token
+from clca_jax.models.config import NO_HEAD
 from clca_jax.models.initializers import (
     torch_linear_bias_init,
     torch_linear_kernel_init,
     trunc_normal,
 )
-from clca_jax.models.reduction import METHODS, Reduced, Tokens
-from clca_jax.models.reduction.dynamicvit import RATIO_LOSS_WEIGHT, DynamicViT
+from clca_jax.models.reduction import Reduced, Tokens, get_method
 from clca_jax.models.registry import Backbone
 from clca_jax.models.schedule import (
     ClcaOptions,
@@ -91,11 +90,13 @@ class Attention(nn.Module):
       num_heads: number of heads.
       qkv_bias: bias on the fused qkv projection.
       dtype: matmul dtype; the softmax is computed in float32.
+      attention: `model.attention`: per_image, batched, or auto (per_image on the CPU).
     """
 
     num_heads: int
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -127,7 +128,7 @@ class Attention(nn.Module):
         query, keys, values = qkv[0], qkv[1], qkv[2]
         core = functools.partial(attention_core, dtype=self.dtype)
         operands = (query * head_dim**-0.5, keys, values, bias, policy)
-        if attention_per_image():
+        if runs_per_image(self.attention):
             # One image at a time keeps each [heads, N, N] map in cache: about 2x faster for
             # ViT-B at 448 px on a CPU than one batched [B, heads, N, N] pass.
             out, cls_probs = jax.lax.map(lambda args: core(*args), operands)
@@ -139,17 +140,11 @@ class Attention(nn.Module):
         return out.astype(jnp.float32), attention
 
 
-def attention_per_image() -> bool:
-    """Whether attention loops over the images of a batch (CPU) or batches them.
-
-    `CLCA_ATTENTION=batched` or `=per_image` overrides the choice made from the backend.
-    """
-    choice = os.environ.get("CLCA_ATTENTION", "auto")
-    if choice not in ("auto", "batched", "per_image"):
-        raise ValueError(f"CLCA_ATTENTION must be auto, batched or per_image, got {choice!r}.")
-    if choice == "auto":
+def runs_per_image(attention: str) -> bool:
+    """Whether `model.attention` loops over the images of a batch (CPU) or batches them."""
+    if attention == "auto":
         return jax.default_backend() == "cpu"
-    return choice == "per_image"
+    return attention == "per_image"
 
 
 def attention_core(query, keys, values, bias, policy, dtype) -> tuple[jax.Array, jax.Array]:
@@ -277,23 +272,26 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block, callable in two halves.
+    """Pre-norm transformer block in two halves, `attend` and `feed_forward`.
 
-    Token reduction methods that act "inside" a block (EViT, Top-K, ToMe, ATS) run between
-    `attend` and `feed_forward`; calling the block directly runs both halves.
+    Token reduction methods that act "inside" a block (EViT, Top-K, ToMe, ATS) run between them.
 
     Attributes:
       backbone: architecture attributes (width, heads, LayerScale, eps, qkv bias).
       dtype: matmul dtype.
+      attention: `model.attention` (see `Attention`).
     """
 
     backbone: Backbone
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     def setup(self):
         arch = self.backbone
         self.norm1 = nn.LayerNorm(epsilon=arch.ln_eps, dtype=jnp.float32)
-        self.attn = Attention(arch.num_heads, qkv_bias=arch.qkv_bias, dtype=self.dtype)
+        self.attn = Attention(
+            arch.num_heads, qkv_bias=arch.qkv_bias, dtype=self.dtype, attention=self.attention
+        )
         self.norm2 = nn.LayerNorm(epsilon=arch.ln_eps, dtype=jnp.float32)
         self.mlp = Mlp(int(arch.embed_dim * arch.mlp_ratio), dtype=self.dtype)
         if arch.layer_scale is not None:
@@ -316,12 +314,6 @@ class Block(nn.Module):
         """x + LS2(MLP(LN2(x)))."""
         return x + self._scale("ls2", self.mlp(self.norm2(x)))
 
-    def __call__(
-        self, x: jax.Array, bias: jax.Array | None = None
-    ) -> tuple[jax.Array, AttentionOutput]:
-        x, attention = self.attend(x, bias)
-        return self.feed_forward(x), attention
-
 
 class VisionTransformer(nn.Module):
     """ViT with static-shape token reduction and the CLCA modules.
@@ -340,6 +332,7 @@ class VisionTransformer(nn.Module):
         appended after the patches, initialised from the class token, with position-embedding
         rows unless `no_embed_class`.
       dtype: matmul dtype.
+      attention: `model.attention`: how attention runs (per_image, batched or auto).
     """
 
     backbone: Backbone
@@ -348,10 +341,29 @@ class VisionTransformer(nn.Module):
     reduction: ReductionOptions = ReductionOptions()
     clca: ClcaOptions = ClcaOptions()
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of the input."""
+        return self.img_size // self.backbone.patch_size
 
     @property
     def num_patches(self) -> int:
-        return (self.img_size // self.backbone.patch_size) ** 2
+        return self.grid**2
+
+    @property
+    def method(self):
+        """The reduction method's class (`clca_jax.models.reduction.Method`)."""
+        return get_method(self.reduction.method)
+
+    def example_images(self, batch: int = 1) -> jax.Array:
+        """A zero batch of the input shape, for initialisation and shape inference."""
+        return jnp.zeros((batch, self.img_size, self.img_size, 3), jnp.float32)
+
+    def abstract_variables(self) -> dict:
+        """Shapes and dtypes of the model's variables, without allocating them."""
+        return jax.eval_shape(self.init, jax.random.key(0), self.example_images())
 
     @property
     def num_registers(self) -> int:
@@ -380,14 +392,18 @@ class VisionTransformer(nn.Module):
           features the classifier reads).
         """
         schedule = self.token_schedule(train)
-        method = METHODS[self.reduction.method]
-        tokens = self.initial_tokens(self.embed(images))
+        method = self.method
+        tokens = method.initial_tokens(self.embed(images))
         cache, cls_tokens, kept, losses, counts = [], [], [], [], []
         for index, plan in enumerate(schedule.blocks):
-            block = Block(self.backbone, dtype=self.dtype, name=f"blocks_{index}")
+            block = Block(
+                self.backbone, dtype=self.dtype, attention=self.attention, name=f"blocks_{index}"
+            )
             reducer = None
             if plan.stage is not None and plan.stage.plan.active:
-                reducer = self.make_reducer(method, plan.stage)
+                # Named `reduction_{stage}`: the converter relies on it.
+                name = f"reduction_{plan.stage.index}"
+                reducer = method.build(plan.stage, self.reduction, name)
             if reducer is not None and method.placement == "before":
                 tokens = self.record(reducer(tokens, None, train), kept, losses)
             policy = tokens.decision if (train and tokens.decision is not None) else None
@@ -414,7 +430,7 @@ class VisionTransformer(nn.Module):
             if plan.collect_cls:
                 cls_tokens.append(tokens.x[:, 0])
 
-        if self.clca.head == "none":
+        if self.clca.head == NO_HEAD:
             x = nn.LayerNorm(epsilon=self.backbone.ln_eps, dtype=jnp.float32, name="norm")(tokens.x)
             features = x[:, 0]
             logits = self.classifier(features)
@@ -424,7 +440,7 @@ class VisionTransformer(nn.Module):
             logits = head(self.num_classes, name=f"{self.clca.head}_head")(features, train)
         extra_loss = jnp.zeros((), jnp.float32)
         if losses:
-            extra_loss = RATIO_LOSS_WEIGHT * jnp.mean(jnp.stack(losses))
+            extra_loss = method.loss_weight * jnp.mean(jnp.stack(losses))
         aux = {
             "kept": tuple(kept),
             "token_counts": jnp.asarray(counts, jnp.int32),
@@ -433,28 +449,12 @@ class VisionTransformer(nn.Module):
         }
         return logits.astype(jnp.float32), aux
 
-    def make_reducer(self, method, stage) -> nn.Module:
-        """The stage's reduction module, named `reduction_{stage}` (converter relies on it)."""
-        kwargs = {"keep_rate": self.reduction.keep_rate} if method is DynamicViT else {}
-        return method(stage, name=f"reduction_{stage.index}", **kwargs)
-
     @staticmethod
     def record(reduced: Reduced, kept: list, losses: list) -> Tokens:
         kept.append(reduced.kept)
         if reduced.loss is not None:
             losses.append(reduced.loss)
         return reduced.tokens
-
-    def initial_tokens(self, x: jax.Array) -> Tokens:
-        """The token state the configured method carries, all neutral at the start."""
-        batch, length = x.shape[:2]
-        method = self.reduction.method
-        return Tokens(
-            x=x,
-            size=jnp.ones((batch, length)) if method == "tome" else None,
-            valid=jnp.ones((batch, length), bool) if method == "ats" else None,
-            decision=jnp.ones((batch, length)) if method == "dynamicvit" else None,
-        )
 
     def classifier(self, features: jax.Array) -> jax.Array:
         """Linear head with PyTorch's default init, as a freshly reset timm head has."""
@@ -491,7 +491,7 @@ class VisionTransformer(nn.Module):
             # CLCA initialises its register tokens as copies of the class token.
             registers = self.param(
                 "clr",
-                lambda _, shape: jnp.tile(cls_token, (1, shape[1], 1)),
+                lambda _, shape: registers_from_class_token(cls_token, shape[1]),
                 (1, self.num_registers, width),
             )
             suffix = [jnp.broadcast_to(registers, (batch, self.num_registers, width))]

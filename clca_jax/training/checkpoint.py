@@ -95,6 +95,32 @@ class Checkpoints:
             raise ValueError(self._unreadable(step, error)) from error
         return restored["state"], restored["loader"]
 
+    def restore_variables(self, abstract_variables: dict, step: int | None = None) -> dict:
+        """Only the model variables (params, batch_stats) of the train state at `step`
+        (default: the latest): evaluation needs no optimizer state, so none is read.
+
+        Args:
+          abstract_variables: `{'params': ..., 'batch_stats'?: ...}` of ShapeDtypeStructs
+            with shardings.
+        """
+        step = self.latest_step() if step is None else step
+        wanted = {"params": abstract_variables["params"]}
+        wanted["batch_stats"] = abstract_variables.get("batch_stats", {})
+        restore_args = ocp.checkpoint_utils.construct_restore_args(wanted)
+        args = ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=wanted, restore_args=restore_args, partial_restore=True
+            )
+        )
+        try:
+            restored = self._latest.restore(step, args=args)["state"]
+        except Exception as error:  # orbax raises assorted types for damaged or foreign files
+            raise ValueError(self._unreadable(step, error)) from error
+        variables = {"params": restored["params"]}
+        if restored.get("batch_stats"):
+            variables["batch_stats"] = restored["batch_stats"]
+        return variables
+
     def _unreadable(self, step: int, error: Exception) -> str:
         folder = os.path.join(self.workdir, LATEST_DIR, str(step))
         earlier = [s for s in self._latest.all_steps() if s < step]

@@ -19,7 +19,7 @@ from absl import flags
 
 from clca_jax.config_values import merge_saved
 from clca_jax.data import default_data_config, validate_data_config
-from clca_jax.models import create_model, default_model_config
+from clca_jax.models import VisionTransformer, create_model, default_model_config
 
 ON_NONFINITE = ("stop", "skip")
 
@@ -63,13 +63,16 @@ def default_config() -> ml_collections.ConfigDict:
             },
             "eval": {"batch_size": 48, "every_epochs": 0},
             "checkpoint": {"every_steps": 1000, "max_to_keep": 2, "keep_best": True},
-            "mesh": {"data": -1, "fsdp": 1},
+            "mesh": {"data": -1, "fsdp": 1, "heartbeat_timeout_seconds": 100},
         }
     )
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict) -> VisionTransformer:
     """Checks a whole training config; reads no data and starts no device.
+
+    Returns:
+      The model `config.model` describes (built once here; see `create_model`).
 
     Raises:
       ValueError: a field is unknown, missing, of the wrong type or out of range (the data
@@ -77,7 +80,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """
     _check_fields(config, default_config(), "config")
     validate_data_config(config.data)
-    create_model(config.model)  # checks every model field and the token schedule; cheap
+    model = create_model(config.model)  # checks every model field and the token schedule
     _check_optim(config.optim)
     _check_positive(config.train, ("epochs", "batch_size", "log_every_steps"), "train")
     _check_choice(config.train, "on_nonfinite", ON_NONFINITE, "train")
@@ -93,6 +96,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"({config.optim.cooldown_epochs}) exceed train.epochs ({config.train.epochs}); "
             "shorten the warm-up or cool-down, or train longer."
         )
+    return model
 
 
 def _check_fields(
@@ -167,6 +171,7 @@ def _check_mesh(mesh: ml_collections.ConfigDict) -> None:
             )
     if mesh.data == -1 and mesh.fsdp == -1:
         raise ValueError("mesh.data and mesh.fsdp are both -1; at most one axis can take the rest.")
+    _check_positive(mesh, ("heartbeat_timeout_seconds",), "mesh")
 
 
 def _check_init(init: ml_collections.ConfigDict) -> None:

@@ -71,7 +71,7 @@ def weight_decay_mask(params, decay_clr: bool = False) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(
+def adamw(
     optim: ml_collections.ConfigDict, schedule: Schedule, decay_clr: bool = False
 ) -> optax.GradientTransformation:
     """AdamW (decoupled decay scaled by the learning rate, as torch's) with the decay mask.
@@ -81,7 +81,7 @@ def make_optimizer(
       schedule: the learning-rate schedule.
       decay_clr: see `weight_decay_mask`.
     """
-    adamw = optax.adamw(
+    transform = optax.adamw(
         learning_rate=schedule,
         b1=optim.b1,
         b2=optim.b2,
@@ -90,5 +90,5 @@ def make_optimizer(
         mask=functools.partial(weight_decay_mask, decay_clr=decay_clr),
     )
     if optim.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), transform)
+    return transform

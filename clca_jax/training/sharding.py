@@ -18,18 +18,22 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 DATA_AXES = ("data", "fsdp")
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(heartbeat_timeout_seconds: int = 100) -> None:
     """Joins the other processes when launched on several hosts; a no-op on one host.
 
     Must run before anything touches a device. `jax.distributed.initialize()` finds the
     coordinator itself on TPU pods, SLURM and Open MPI, or from `JAX_COORDINATOR_ADDRESS`
     together with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (e.g. several processes on one
-    machine). `CLCA_HEARTBEAT_TIMEOUT_SECONDS` (default JAX's 100) bounds how long the others
-    wait for a process that died before they stop with JAX's message that another task died.
+    machine).
+
+    Args:
+      heartbeat_timeout_seconds: `mesh.heartbeat_timeout_seconds`: how long the others wait
+        for a process that died before they stop with JAX's message that another task died.
     """
     if jax.distributed.is_initialized() or not _launched_on_several_hosts():
         return
-    jax.distributed.initialize(**_distributed_settings(os.environ))
+    settings = _distributed_settings(os.environ)
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds, **settings)
 
 
 def _distributed_settings(env) -> dict:
@@ -37,7 +41,6 @@ def _distributed_settings(env) -> dict:
     names = {
         "JAX_NUM_PROCESSES": "num_processes",
         "JAX_PROCESS_ID": "process_id",
-        "CLCA_HEARTBEAT_TIMEOUT_SECONDS": "heartbeat_timeout_seconds",
     }
     settings = {}
     for variable, argument in names.items():

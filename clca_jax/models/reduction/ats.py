@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clca_jax.models.reduction.base import (
+    Method,
     PlanContext,
     Reduced,
     Stage,
@@ -55,7 +56,7 @@ def unique_ascending(picks: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(real, unique, 0), real
 
 
-class ATS(nn.Module):
+class ATS(Method, nn.Module):
     """Adaptive token sampling (no parameters).
 
     Attributes:
@@ -64,6 +65,7 @@ class ATS(nn.Module):
 
     stage: Stage
     placement: ClassVar[str] = "inside"
+    kept_kind: ClassVar[str] = "gathered"
 
     @staticmethod
     def plan(context: PlanContext) -> StagePlan:
@@ -71,6 +73,16 @@ class ATS(nn.Module):
         samples = sample_count(context)
         slots = len(quantile_points(samples))
         return StagePlan(samples, 1 + slots + context.protected)
+
+    @staticmethod
+    def macs(stage: Stage, width: int, heads: int) -> int:
+        """Value-norm weighting of the CLS attention and its normalisation."""
+        return heads * stage.reducible + stage.reducible
+
+    @staticmethod
+    def initial_tokens(x: jax.Array) -> Tokens:
+        """Every slot starts valid."""
+        return Tokens(x=x, valid=jnp.ones(x.shape[:2], bool))
 
     def __call__(self, tokens: Tokens, attention, train: bool) -> Reduced:
         del train

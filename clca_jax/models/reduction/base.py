@@ -1,25 +1,27 @@
-"""What every token reduction method shares: its planning context, its token state and helpers.
+"""What every token reduction method shares: the `Method` contract, its token state and helpers.
 
-A method is a linen module in its own file with
-
-* `placement`: "before" (acts on the input of its block: DPC-KNN, DynamicViT, SiT,
-  PatchMerger) or "inside" (between the attention residual and the MLP: EViT, Top-K, ToMe, ATS);
-* `plan(context) -> StagePlan`: its static counts, from the spec's float64 formulas;
-* `__call__(tokens, attention, train) -> Reduced(tokens, kept, loss)`: the reduction itself,
-  with the stage's counts given as the module's `stage` attribute, so every shape is static.
-
-`kept` describes what survived, for visualisation: kept token positions, or where each token
-went (see each method's docstring).
+A method is a linen module in its own file that subclasses `Method` and declares everything the
+rest of the library asks about it (see `Method`): when it acts, its static counts, its MACs, the
+per-token state it starts, how its `kept` output maps tokens for pictures, whether it merges,
+its extra loss, and the names of its parameters in the reference checkpoints. The model loop,
+the FLOPs counter, the pictures, the optimizer's decay mask and the converter read these
+declarations; none of them knows a method by its name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+if TYPE_CHECKING:
+    import flax.linen as nn
+
+    from clca_jax.models.schedule import ReductionOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +93,11 @@ class Stage:
     plan: StagePlan
     tokens_in: int
     protected: int
+
+    @property
+    def reducible(self) -> int:
+        """Tokens the step may reduce: all but CLS and the protected suffix."""
+        return self.tokens_in - 1 - self.protected
 
 
 @flax.struct.dataclass
@@ -185,3 +192,139 @@ def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
 def top_k_stable(scores: jax.Array, k: int) -> jax.Array:
     """Indices of the k largest scores, descending, ties broken towards the lower index."""
     return jax.lax.top_k(scores, k)[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The contract of a method.
+
+KEPT_KINDS = ("positions", "destinations", "clusters", "gathered", "mixing")
+
+
+class Method:
+    """What a token reduction method declares, beside its `__call__`.
+
+    Subclass it together with `flax.linen.Module` (`class EViT(Method, nn.Module)`), give the
+    module a `stage: Stage` attribute, and override what differs from the defaults below.
+
+    Class attributes:
+      placement: "before" (acts on the input of its block: DPC-KNN, DynamicViT, SiT,
+        PatchMerger) or "inside" (between the attention residual and the MLP: EViT, Top-K,
+        ToMe, ATS).
+      reduces: False only for the plain ViT, which plans no reduction step.
+      kept_kind: what the `kept` output of `__call__` holds (see `destinations`):
+        "positions" [B, keep] input positions of the kept tokens, in output order after CLS;
+        "destinations" [B, N - protected] the output slot of every input token;
+        "clusters" [B, n] the cluster of the tokens at positions 1..n;
+        "gathered" [B, 1 + slots] the input position of every output slot, -1 for padding;
+        "mixing" [B, K, n] the weight of the tokens at positions 1..n in each new token.
+      merges: several input tokens become one (the pictures colour patches by their token).
+      protects_suffix: the method never touches the CLR tokens and the cache's returned tokens
+        (DPC-KNN), as `model.clca.protect_cache` makes every method do.
+      loss_weight: weight of the mean of the stages' `Reduced.loss` in the training loss.
+      decays_clr: the reference model class of this method applies weight decay to the CLR
+        tokens (only its plain ViT does, through a misspelt exclusion list).
+      official_prefix: the reference checkpoint's module list of the per-stage parameters
+        (`{official_prefix}.{stage}.*`), for methods that have parameters.
+      official_names: Flax submodule path -> reference submodule name, where they differ.
+
+    Where the counts come from: `plan(context)` turns the configured keep rate into the static
+    `StagePlan` of one stage, with the reference's float64 formulas; the model receives it as
+    `stage.plan`, so every shape is known before tracing.
+    """
+
+    placement: ClassVar[str] = "inside"
+    reduces: ClassVar[bool] = True
+    kept_kind: ClassVar[str] = "positions"
+    merges: ClassVar[bool] = False
+    protects_suffix: ClassVar[bool] = False
+    loss_weight: ClassVar[float] = 0.0
+    decays_clr: ClassVar[bool] = False
+    official_prefix: ClassVar[str | None] = None
+    official_names: ClassVar[dict[str, str]] = {}
+
+    @staticmethod
+    def plan(context: PlanContext) -> StagePlan:
+        """The static counts of one stage."""
+        raise NotImplementedError
+
+    @staticmethod
+    def macs(stage: Stage, width: int, heads: int) -> int:
+        """Multiply-accumulates of the reduction step itself, in the paper's convention
+        (`clca_jax.flops`: matmuls, linear layers, element-wise multiplies, LayerNorm and means
+        count; adds, softmax, GELU, gathers, sorts and sums are free)."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, stage: Stage, options: ReductionOptions, name: str) -> nn.Module:
+        """The module of one stage; `options` carries method-specific settings."""
+        del options
+        return cls(stage, name=name)
+
+    @staticmethod
+    def initial_tokens(x: jax.Array) -> Tokens:
+        """The token state the method carries, neutral at the embedding."""
+        return Tokens(x=x)
+
+    @classmethod
+    def destinations(cls, stage: Stage, kept: np.ndarray) -> np.ndarray:
+        """The output slot of every token entering the stage, from its `kept` output.
+
+        Returns:
+          int [B, stage.tokens_in]: the slot in the stage's output sequence of each input
+          token, -1 where it was dropped (EViT's tokens fused into one count as dropped).
+          Merging methods send several tokens to one slot.
+        """
+        return kept_destinations(cls.kept_kind, stage, kept)
+
+    @classmethod
+    def checkpoint_key(cls, stage: str, module_path: tuple[str, ...], leaf: str) -> str:
+        """The reference checkpoint key of a parameter of stage `stage`.
+
+        Args:
+          stage: the stage index, as in the module name `reduction_{stage}`.
+          module_path: the Flax submodules below the stage's module (empty for a parameter
+            of the method's module itself, e.g. SiT's `scale`).
+          leaf: the reference's leaf name (`weight`, `bias`, ...).
+        """
+        if cls.official_prefix is None:
+            raise ValueError(
+                f"{cls.__name__} declares no official_prefix, so its parameters have no "
+                "checkpoint names."
+            )
+        prefix = f"{cls.official_prefix}.{stage}"
+        if not module_path:
+            return f"{prefix}.{leaf}"
+        inner = "/".join(module_path)
+        inner = cls.official_names.get(inner, inner.replace("/", "."))
+        return f"{prefix}.{inner}.{leaf}"
+
+
+def kept_destinations(kind: str, stage: Stage, kept: np.ndarray) -> np.ndarray:
+    """`Method.destinations` for each `kept_kind` (NumPy, after the forward pass)."""
+    if kind not in KEPT_KINDS:
+        raise ValueError(f"unknown kept_kind {kind!r}; known: {', '.join(KEPT_KINDS)}")
+    kept = np.asarray(kept)
+    batch, length, protected = kept.shape[0], stage.tokens_in, stage.protected
+    end = length - protected
+    dest = np.full((batch, length), -1, np.int64)
+    rows = np.arange(batch)[:, None]
+    if kind == "positions":
+        dest[:, 0] = 0
+        dest[rows, kept] = 1 + np.arange(kept.shape[1])
+    elif kind == "destinations":
+        dest[:, :end] = kept
+    elif kind == "clusters":
+        dest[:, 0] = 0
+        dest[:, 1:end] = 1 + kept
+    elif kind == "gathered":
+        slots = np.broadcast_to(np.arange(kept.shape[1]), kept.shape)
+        real = kept >= 0
+        dest[np.broadcast_to(rows, kept.shape)[real], kept[real]] = slots[real]
+    elif kept.shape[1]:  # mixing weights; with no new token everything but CLS is gone
+        dest[:, 0] = 0
+        dest[:, 1:end] = 1 + np.argmax(kept, axis=1)
+    else:
+        dest[:, 0] = 0
+    # The protected suffix (CLR and cache tokens) moves as a block to the end.
+    dest[:, end:] = stage.plan.tokens_out - protected + np.arange(protected)
+    return dest

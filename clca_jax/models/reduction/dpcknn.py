@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from clca_jax.models.initializers import trunc_normal
 from clca_jax.models.reduction.base import (
+    Method,
     PlanContext,
     Reduced,
     Stage,
@@ -77,7 +78,7 @@ def merge_clusters(x: jax.Array, weight: jax.Array, assignment: jax.Array, clust
     return jax.vmap(one)(x, weight, assignment)
 
 
-class DPCKNN(nn.Module):
+class DPCKNN(Method, nn.Module):
     """DPC-KNN clustering with a learned merge weight `exp(score(x))`.
 
     Attributes:
@@ -86,6 +87,8 @@ class DPCKNN(nn.Module):
 
     stage: Stage
     placement: ClassVar[str] = "before"
+    kept_kind: ClassVar[str] = "clusters"
+    merges: ClassVar[bool] = True
     protects_suffix: ClassVar[bool] = True
     # Parameter names of the reference checkpoints: cluster_layers.{stage}.score.*
     official_prefix: ClassVar[str] = "cluster_layers"
@@ -100,6 +103,11 @@ class DPCKNN(nn.Module):
                 "model.reduction.keep_rate."
             )
         return StagePlan(clusters, 1 + clusters + context.protected)
+
+    @staticmethod
+    def macs(stage: Stage, width: int, heads: int) -> int:
+        """The score layer and the weighted merge."""
+        return 2 * stage.reducible * width
 
     @nn.compact
     def __call__(self, tokens: Tokens, attention, train: bool) -> Reduced:

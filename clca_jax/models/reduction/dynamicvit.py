@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from clca_jax.models.activations import gelu
 from clca_jax.models.initializers import trunc_normal
 from clca_jax.models.reduction.base import (
+    Method,
     PlanContext,
     Reduced,
     Stage,
@@ -28,8 +29,6 @@ from clca_jax.models.reduction.base import (
     split,
     top_k_stable,
 )
-
-RATIO_LOSS_WEIGHT = 2.0
 
 
 def eval_keep_count(context: PlanContext) -> int:
@@ -70,7 +69,7 @@ def hard_gumbel_keep(key: jax.Array, log_probs: jax.Array) -> jax.Array:
     return (hard - jax.lax.stop_gradient(soft) + soft)[..., 0]
 
 
-class DynamicViT(nn.Module):
+class DynamicViT(Method, nn.Module):
     """DynamicViT token pruning with its per-stage predictor.
 
     Attributes:
@@ -81,6 +80,8 @@ class DynamicViT(nn.Module):
     stage: Stage
     keep_rate: float = 1.0
     placement: ClassVar[str] = "before"
+    kept_kind: ClassVar[str] = "positions"  # evaluation mode
+    loss_weight: ClassVar[float] = 2.0  # the reference's ratio-loss weight
     official_prefix: ClassVar[str] = "score_predictor"
     official_names: ClassVar[dict] = {
         "predictor/norm": "in_conv.0",
@@ -96,6 +97,23 @@ class DynamicViT(nn.Module):
         if context.train:
             return StagePlan(keep, context.tokens_in)
         return StagePlan(keep, 1 + keep + context.protected)
+
+    @staticmethod
+    def macs(stage: Stage, width: int, heads: int) -> int:
+        """The predictor: LN, proj_in, the kept mean, fc1, fc2, fc3."""
+        body = stage.reducible
+        predictor = body * width + body * width**2 + body * width // 2
+        predictor += body * width * (width // 2) + body * (width // 2) * (width // 4)
+        return predictor + body * (width // 4) * 2
+
+    @classmethod
+    def build(cls, stage: Stage, options, name: str) -> nn.Module:
+        return cls(stage, keep_rate=options.keep_rate, name=name)
+
+    @staticmethod
+    def initial_tokens(x: jax.Array) -> Tokens:
+        """Every token starts kept."""
+        return Tokens(x=x, decision=jnp.ones(x.shape[:2]))
 
     @nn.compact
     def __call__(self, tokens: Tokens, attention, train: bool) -> Reduced:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from clca_jax.models.reduction.base import (
+    Method,
     PlanContext,
     Reduced,
     Stage,
@@ -68,7 +69,7 @@ def keep_attended(
     return jnp.concatenate(parts, axis=1), positions
 
 
-class EViT(nn.Module):
+class EViT(Method, nn.Module):
     """EViT token reduction (no parameters).
 
     Attributes:
@@ -77,11 +78,17 @@ class EViT(nn.Module):
 
     stage: Stage
     placement: ClassVar[str] = "inside"
+    kept_kind: ClassVar[str] = "positions"
     fuse: ClassVar[bool] = True
 
     @staticmethod
     def plan(context: PlanContext) -> StagePlan:
         return plan_keep(context, extra_tokens=1)
+
+    @staticmethod
+    def macs(stage: Stage, width: int, heads: int) -> int:
+        """Head mean of the CLS attention, plus the fused token's weighting."""
+        return stage.reducible + (stage.reducible - stage.plan.count) * width
 
     def __call__(self, tokens: Tokens, attention, train: bool) -> Reduced:
         del train

@@ -12,11 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clca_jax.models.reduction.base import Reduced, Stage, Tokens, split
+from clca_jax.models.reduction.base import Method, Reduced, Stage, Tokens, split
 from clca_jax.models.reduction.sit import plan_slim
 
 
-class PatchMerger(nn.Module):
+class PatchMerger(Method, nn.Module):
     """Query pooling with its own queries and LayerNorm per stage.
 
     Attributes:
@@ -25,9 +25,16 @@ class PatchMerger(nn.Module):
 
     stage: Stage
     placement: ClassVar[str] = "before"
+    kept_kind: ClassVar[str] = "mixing"
+    merges: ClassVar[bool] = True
     official_prefix: ClassVar[str] = "cluster_layers"
 
     plan: ClassVar = staticmethod(plan_slim)
+
+    @staticmethod
+    def macs(stage: Stage, width: int, heads: int) -> int:
+        """LN, the query-token products and the weighted sum."""
+        return stage.reducible * width + 2 * stage.plan.count * stage.reducible * width
 
     @nn.compact
     def __call__(self, tokens: Tokens, attention, train: bool) -> Reduced:

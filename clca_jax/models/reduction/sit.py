@@ -15,7 +15,15 @@ import jax.numpy as jnp
 
 from clca_jax.models.activations import gelu
 from clca_jax.models.initializers import trunc_normal
-from clca_jax.models.reduction.base import PlanContext, Reduced, Stage, StagePlan, Tokens, split
+from clca_jax.models.reduction.base import (
+    Method,
+    PlanContext,
+    Reduced,
+    Stage,
+    StagePlan,
+    Tokens,
+    split,
+)
 
 
 def plan_slim(context: PlanContext) -> StagePlan:
@@ -24,7 +32,7 @@ def plan_slim(context: PlanContext) -> StagePlan:
     return StagePlan(count, 1 + count + context.protected)
 
 
-class SiT(nn.Module):
+class SiT(Method, nn.Module):
     """Token slimming with its own layers per stage.
 
     Attributes:
@@ -33,10 +41,23 @@ class SiT(nn.Module):
 
     stage: Stage
     placement: ClassVar[str] = "before"
+    kept_kind: ClassVar[str] = "mixing"
+    merges: ClassVar[bool] = True
     official_prefix: ClassVar[str] = "cluster_layers"
     official_names: ClassVar[dict] = {"norm": "weight.0", "fc1": "weight.1", "fc2": "weight.3"}
 
     plan: ClassVar = staticmethod(plan_slim)
+
+    @staticmethod
+    def macs(stage: Stage, width: int, heads: int) -> int:
+        """LN, fc1, fc2 and the scaled weights, and the weighted sum of the tokens."""
+        body, count = stage.reducible, stage.plan.count
+        return (
+            body * width
+            + body * width * (width // 2)
+            + body * (width // 2) * count * 2
+            + (count * body * width)
+        )
 
     @nn.compact
     def __call__(self, tokens: Tokens, attention, train: bool) -> Reduced:

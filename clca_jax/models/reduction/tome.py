@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from clca_jax.models.reduction.base import (
+    Method,
     PlanContext,
     Reduced,
     Stage,
@@ -73,7 +74,7 @@ def bipartite_merge(
     return new_sum / new_size[..., None], new_size, destination
 
 
-class ToMe(nn.Module):
+class ToMe(Method, nn.Module):
     """Token merging (no parameters).
 
     Attributes:
@@ -82,6 +83,8 @@ class ToMe(nn.Module):
 
     stage: Stage
     placement: ClassVar[str] = "inside"
+    kept_kind: ClassVar[str] = "destinations"
+    merges: ClassVar[bool] = True
 
     @staticmethod
     def plan(context: PlanContext) -> StagePlan:
@@ -92,6 +95,18 @@ class ToMe(nn.Module):
         if merges <= 0:
             return StagePlan(count=0, tokens_out=context.tokens_in, active=False)
         return StagePlan(count=merges, tokens_out=context.tokens_in - merges)
+
+    @staticmethod
+    def macs(stage: Stage, width: int, heads: int) -> int:
+        """Head mean of the keys, the A-B similarities, and the size weighting."""
+        tokens, head_dim = stage.tokens_in, width // heads
+        half_a, half_b = (tokens + 1) // 2, tokens // 2
+        return tokens * head_dim + half_a * half_b * head_dim + tokens * width
+
+    @staticmethod
+    def initial_tokens(x: jax.Array) -> Tokens:
+        """Every token starts with size 1."""
+        return Tokens(x=x, size=jnp.ones(x.shape[:2]))
 
     def __call__(self, tokens: Tokens, attention, train: bool) -> Reduced:
         del train

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from clca_jax.models.reduction.base import PlanContext, StagePlan
+from clca_jax.models.reduction.base import PlanContext, Stage, StagePlan
 from clca_jax.models.reduction.evit import EViT, plan_keep
 
 
@@ -16,3 +16,8 @@ class TopK(EViT):
     @staticmethod
     def plan(context: PlanContext) -> StagePlan:
         return plan_keep(context, extra_tokens=0)
+
+    @staticmethod
+    def macs(stage: Stage, width: int, heads: int) -> int:
+        """Head mean of the CLS attention."""
+        return stage.reducible

@@ -1,0 +1,51 @@
+"""`python -m tests.killable_main --config=... --workdir=...`: `clca_jax.main` with kill points.
+
+The reliability tests interrupt runs at reproducible points of the training loop. The point
+comes from the environment variable `KILL_AT_ENV`, read here (never by the library), and is
+acted on through the loop's `train.LoopEvents` hooks:
+
+* `step:N`: SIGKILL right after train step N;
+* `save:N`: SIGKILL right after the save of step N has started (orbax writes it in the
+  background);
+* `term:N`: SIGTERM after train step N (a preemption notice).
+
+Without the variable the command is `clca_jax.main` itself.
+"""
+
+import functools
+import os
+import signal
+
+from clca_jax import train
+
+KILL_AT_ENV = "CLCA_TEST_KILL_AT"
+
+
+class KillAt(train.LoopEvents):
+    """Kills this process at one point of the loop (`phase:step`)."""
+
+    def __init__(self, point: str):
+        self.point = point
+
+    def after_step(self, step: int) -> None:
+        if self.point == f"step:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.point == f"term:{step}":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def after_save(self, step: int) -> None:
+        if self.point == f"save:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    # Imported here: `clca_jax.main` defines the command's flags, which the tests importing
+    # this module for `KILL_AT_ENV` must not get.
+    from absl import app
+
+    from clca_jax import main as clca_main
+    from clca_jax.training.config import parse_flags
+
+    point = os.environ.get(KILL_AT_ENV, "")
+    events = KillAt(point) if point else None
+    app.run(functools.partial(clca_main.main, events=events), flags_parser=parse_flags)
