@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 SplitList = list[tuple[str, int]]
@@ -20,6 +22,8 @@ SplitList = list[tuple[str, int]]
 TRAIN_FRACTION = 0.8
 # How many offending entries an error message lists before it only gives the count.
 MAX_LISTED = 10
+# A class id as a CSV holds it: ASCII digits, optionally signed (int() would also take "1_0").
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 class DataError(ValueError):
@@ -29,22 +33,44 @@ class DataError(ValueError):
 def read_split_csv(csv_path: str) -> SplitList:
     """Reads one split file with the columns `dir` and `class_id` (any order, header first).
 
+    The file is UTF-8, with or without the byte-order mark spreadsheet programs write.
+
     Args:
       csv_path: path of the CSV file.
 
     Returns:
       The `(dir, class_id)` rows in file order.
     """
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
+    with open(csv_path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{csv_path} line {line}: byte {data[err.start]:#04x} is not UTF-8 text; save the "
+            "file as UTF-8 (a spreadsheet's 'CSV UTF-8' format)."
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = [name.strip() for name in reader.fieldnames or []]
+        reader.fieldnames = header
+        if not header:
+            raise DataError(f"{csv_path} is empty; it needs a header `dir,class_id` and rows.")
         missing = [c for c in ("dir", "class_id") if c not in header]
         if missing:
+            hint = ""
+            if any(";" in name for name in header):
+                hint = " (the file looks semicolon-separated; use commas)"
             raise DataError(
-                f"{csv_path}: missing column(s) {missing}; header seen: {header}. "
+                f"{csv_path}: missing column(s) {missing}; header seen: {header}{hint}. "
                 "A split file needs a header with the columns `dir,class_id`."
             )
-        rows = [_parse_row(csv_path, line, row) for line, row in enumerate(reader, start=2)]
+        rows = [_parse_row(csv_path, reader.line_num, row) for row in reader]
+    except csv.Error as err:
+        raise DataError(
+            f"{csv_path} line {reader.line_num}: not a readable CSV row ({err}); fix that line."
+        ) from None
     if not rows:
         raise DataError(
             f"{csv_path} has a header but no rows; add one `dir,class_id` row per image."
@@ -57,13 +83,18 @@ def _parse_row(csv_path: str, line: int, row: Mapping[str, str]) -> tuple[str, i
     path, label = (row.get("dir") or "").strip(), (row.get("class_id") or "").strip()
     if not path:
         raise DataError(f"{csv_path} line {line}: empty `dir` value; every row names an image.")
-    try:
-        return path, int(label)
-    except ValueError:
+    if not _INTEGER.fullmatch(label):
         raise DataError(
             f"{csv_path} line {line}: class_id {label!r} is not an integer; "
             "class ids are integers 0..C-1."
-        ) from None
+        )
+    class_id = int(label)
+    if class_id < 0:
+        raise DataError(
+            f"{csv_path} line {line}: class_id {class_id} is negative; class ids are integers "
+            "0..C-1."
+        )
+    return path, class_id
 
 
 def carve_train_val(
