@@ -5,6 +5,9 @@ TFDS folder before and after (`snapshot`), so "nothing changed on disk" is check
 assumed.
 """
 
+import logging
+import os
+
 import numpy as np
 import pytest
 
@@ -57,3 +60,63 @@ def test_negative_class_id_is_reported_as_a_bad_value_through_the_csv_route(tmp_
     fabricate.write_csv(str(tmp_path / "test.csv"), [("0.png", 0), ("2.png", -3)])
     with pytest.raises(DataError, match=r"test.csv line 3: class_id -3 is negative"):
         folder.load_csv(str(tmp_path), "train_val", "test")
+
+
+# --- hidden files and folders (issue 14, item 4) ---------------------------------------------
+
+
+def _add_hidden_files(class_dir):
+    """What Jupyter and macOS leave in a class folder: a checkpoint copy and an AppleDouble."""
+    fabricate.write_image(os.path.join(class_dir, ".ipynb_checkpoints", "img-checkpoint.png"), 7)
+    fabricate.write_image(os.path.join(class_dir, "sub", ".cache", "deep.png"), 8)
+    with open(os.path.join(class_dir, "._img_000.png"), "wb") as f:
+        f.write(b"\x00\x05\x16\x07 AppleDouble resource fork")
+
+
+def test_folder_route_ignores_hidden_files_and_folders_at_every_depth(tmp_path):
+    fabricate.class_folder_dataset(str(tmp_path), [5, 5])
+    _add_hidden_files(str(tmp_path / "class_00"))
+    fabricate.write_image(str(tmp_path / ".trash" / "x.png"), seed=9)
+    loaded = folder.load_folder(str(tmp_path), "train_val", "val", skip_bad_images=False)
+    assert loaded.class_names == ["class_00", "class_01"]
+    assert len(loaded.train) == 10
+    assert not any(splits.is_hidden(path) for path, _ in loaded.train.rows)
+    for index in range(len(loaded.train)):  # the AppleDouble file would not decode
+        records.decode_rgb(loaded.train[index])
+
+
+def test_split_folders_ignore_hidden_files(tmp_path):
+    fabricate.class_folder_dataset(str(tmp_path / "train"), [2, 2])
+    fabricate.class_folder_dataset(str(tmp_path / "test"), [1, 1])
+    _add_hidden_files(str(tmp_path / "test" / "class_01"))
+    loaded = folder.load_folder(str(tmp_path), "train", "test")
+    assert [path for path, _ in loaded.eval.rows] == [
+        os.path.join("test", "class_00", "img_000.png"),
+        os.path.join("test", "class_01", "img_000.png"),
+    ]
+
+
+def test_csv_route_leaves_out_the_same_hidden_files_as_the_folder_route(tmp_path, caplog):
+    fabricate.class_folder_dataset(str(tmp_path), [5, 5])
+    _add_hidden_files(str(tmp_path / "class_01"))
+    # A CSV made by listing everything on disk, hidden files included.
+    on_disk = [
+        os.path.relpath(os.path.join(parent, f), tmp_path)
+        for parent, _, files in os.walk(tmp_path)
+        for f in files
+    ]
+    on_disk = [(path, int(path.split(os.sep)[0][-2:])) for path in sorted(on_disk)]
+    fabricate.write_csv(str(tmp_path / "train_val.csv"), on_disk)
+    with caplog.at_level(logging.WARNING):
+        from_csv = folder.load_csv(str(tmp_path), "train_val", "train_val")
+    from_folder = folder.load_folder(str(tmp_path), "train_val", "train_val")
+    assert sorted(from_csv.train.rows) == sorted(from_folder.train.rows)
+    assert len(from_csv.train) == 10
+    assert "left out 3 row(s) naming hidden files or folders" in caplog.text
+
+
+def test_csv_naming_only_hidden_files_is_refused(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("dir,class_id\n.ipynb_checkpoints/a.png,0\nc/._b.png,1\n")
+    with pytest.raises(DataError, match=r"train.csv has a header but no rows other than hidden"):
+        splits.read_split_csv(str(path))

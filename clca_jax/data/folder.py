@@ -206,12 +206,16 @@ def _class_folder_rows(
 
 
 def _image_files(folder: str) -> list[str]:
-    """Image files under `folder` (recursively), relative to it, sorted."""
+    """Image files under `folder` (recursively), relative to it, sorted; hidden ones left out.
+
+    Hidden names (`.ipynb_checkpoints/`, macOS `._x.png`) are skipped at every depth, as the
+    CSV route skips rows naming them.
+    """
     found = []
     for parent, dirs, files in os.walk(folder):
-        dirs.sort()
+        dirs[:] = [d for d in dirs if not splits.is_hidden(d)]
         for f in files:
-            if f.lower().endswith(records.IMAGE_EXTENSIONS):
+            if f.lower().endswith(records.IMAGE_EXTENSIONS) and not splits.is_hidden(f):
                 found.append(os.path.relpath(os.path.join(parent, f), folder))
     return sorted(found)
 
@@ -229,7 +233,7 @@ def _require_classes(root: str, subfolders: list[str] | None) -> list[str]:
 
 def _subfolders(root: str) -> list[str]:
     """Sorted names of the visible sub-folders of `root`."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not splits.is_hidden(e.name))
 
 
 def _check_dir(path: str, what: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import csv
 import io
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -33,7 +34,10 @@ class DataError(ValueError):
 def read_split_csv(csv_path: str) -> SplitList:
     """Reads one split file with the columns `dir` and `class_id` (any order, header first).
 
-    The file is UTF-8, with or without the byte-order mark spreadsheet programs write.
+    The file is UTF-8, with or without the byte-order mark spreadsheet programs write. Rows
+    naming a hidden file or folder (a path part starting with `.`, such as
+    `.ipynb_checkpoints/` or macOS `._x.png`) are left out, as the folder route leaves them
+    out, and counted in the log.
 
     Args:
       csv_path: path of the CSV file.
@@ -71,11 +75,22 @@ def read_split_csv(csv_path: str) -> SplitList:
         raise DataError(
             f"{csv_path} line {reader.line_num}: not a readable CSV row ({err}); fix that line."
         ) from None
-    if not rows:
-        raise DataError(
-            f"{csv_path} has a header but no rows; add one `dir,class_id` row per image."
+    kept = [row for row in rows if not is_hidden(row[0])]
+    if len(kept) < len(rows):
+        hidden = [path for path, _ in rows if is_hidden(path)]
+        logging.warning(
+            "%s: left out %d row(s) naming hidden files or folders, e.g. %s",
+            csv_path,
+            len(hidden),
+            _listed(hidden),
         )
-    return rows
+    if not kept:
+        raise DataError(
+            f"{csv_path} has a header but no rows"
+            + (" other than hidden files" if rows else "")
+            + "; add one `dir,class_id` row per image."
+        )
+    return kept
 
 
 def _parse_row(csv_path: str, line: int, row: Mapping[str, str]) -> tuple[str, int]:
@@ -95,6 +110,11 @@ def _parse_row(csv_path: str, line: int, row: Mapping[str, str]) -> tuple[str, i
             "0..C-1."
         )
     return path, class_id
+
+
+def is_hidden(path: str) -> bool:
+    """True when a part of `path` is a hidden name (starts with `.`; `.` and `..` are not)."""
+    return any(part.startswith(".") and part not in (".", "..") for part in path.split("/"))
 
 
 def carve_train_val(
