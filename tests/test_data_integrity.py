@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from clca_jax.data import fabricate, folder, records, splits
 from clca_jax.data.splits import DataError
@@ -120,3 +121,53 @@ def test_csv_naming_only_hidden_files_is_refused(tmp_path):
     path.write_text("dir,class_id\n.ipynb_checkpoints/a.png,0\nc/._b.png,1\n")
     with pytest.raises(DataError, match=r"train.csv has a header but no rows other than hidden"):
         splits.read_split_csv(str(path))
+
+
+# --- images of more than 8 bits (item 5) -----------------------------------------------------
+
+
+def test_16_bit_grayscale_png_and_tiff_are_scaled_not_clipped(tmp_path):
+    rng = np.random.default_rng(0)
+    deep = rng.integers(0, 65536, (6, 7), dtype=np.uint16)
+    deep[0, :3] = [0, 257 * 100, 65535]
+    expected = np.round(deep / 257.0).astype(np.uint8)
+    Image.fromarray(deep).save(tmp_path / "g16.png")
+    Image.fromarray(deep.astype(">u2")).save(tmp_path / "g16b.tif")  # big-endian TIFF
+    for name in ("g16.png", "g16b.tif"):
+        pixels = _decode_file(tmp_path / name)
+        assert pixels.shape == (6, 7, 3) and pixels.dtype == np.uint8
+        for channel in range(3):
+            np.testing.assert_array_equal(pixels[..., channel], expected)
+    assert list(_decode_file(tmp_path / "g16.png")[0, :3, 0]) == [0, 100, 255]
+
+
+def test_float_tiff_in_unit_range_is_scaled(tmp_path):
+    values = np.linspace(0.0, 1.0, 20, dtype=np.float32).reshape(4, 5)
+    Image.fromarray(values).save(tmp_path / "f.tif")
+    pixels = _decode_file(tmp_path / "f.tif")
+    np.testing.assert_array_equal(pixels[..., 1], np.round(values * 255.0).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (np.arange(20, dtype=np.int32).reshape(4, 5) * 5000, r"32-bit integer .*values 0\.\.95000"),
+        (np.linspace(0, 300, 20, dtype=np.float32).reshape(4, 5), r"floating-point .*0\.0\.\.300"),
+        (np.full((4, 5), np.nan, np.float32), r"floating-point .*values nan"),
+    ],
+)
+def test_deep_images_without_a_standard_scale_are_refused_with_their_name(
+    tmp_path, values, message
+):
+    path = tmp_path / "deep.tif"
+    Image.fromarray(values).save(path)
+    with pytest.raises(records.BadImageError, match=rf"deep.tif: .*{message}"):
+        _decode_file(path)
+
+
+def test_exif_orientation_is_not_applied_as_in_the_reference(tmp_path):
+    # A 12 x 8 JPEG tagged "rotate 90 degrees": the loader keeps the stored 12 x 8 pixels.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (12, 8), (200, 10, 10)).save(tmp_path / "r.jpg", exif=exif)
+    assert _decode_file(tmp_path / "r.jpg").shape == (8, 12, 3)
