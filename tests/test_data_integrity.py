@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clca_jax.data import fabricate, folder, records, splits
+from clca_jax.data import fabricate, folder, records, splits, ufgir
 from clca_jax.data.splits import DataError
 
 
@@ -171,3 +171,61 @@ def test_exif_orientation_is_not_applied_as_in_the_reference(tmp_path):
     exif[0x0112] = 6
     Image.new("RGB", (12, 8), (200, 10, 10)).save(tmp_path / "r.jpg", exif=exif)
     assert _decode_file(tmp_path / "r.jpg").shape == (8, 12, 3)
+
+
+# --- broken symbolic links (item 12) ---------------------------------------------------------
+
+
+def _prepare(manual, tfds_dir, **kwargs):
+    return ufgir.prepare(
+        "cotton", str(manual), str(tfds_dir), check_published_counts=False, **kwargs
+    )
+
+
+def _csv_data_with_broken_links(root):
+    rows = [(f"{i}.png", i % 2) for i in range(6)]
+    for rel, _ in rows[:4]:
+        fabricate.write_image(str(root / rel), seed=len(rel))
+    os.symlink(root / "gone.png", root / "4.png")  # dangling
+    os.symlink(root / "5.png", root / "5.png")  # a loop
+    fabricate.write_csv(str(root / "train_val.csv"), rows)
+    return rows
+
+
+def test_broken_symlinks_are_named_as_such(tmp_path):
+    _csv_data_with_broken_links(tmp_path)
+    with pytest.raises(DataError) as caught:
+        folder.load_csv(str(tmp_path), "train_val", "train_val")
+    message = str(caught.value)
+    assert "split 'train_val': 2 broken symbolic link(s) (target missing, or a loop)" in message
+    assert "[4.png, 5.png]" in message and "missing, e.g." not in message
+
+
+def test_skip_bad_images_skips_broken_symlinks_in_csv_and_folder_routes(tmp_path, caplog):
+    csv_dir = tmp_path / "csv"
+    _csv_data_with_broken_links(csv_dir)
+    fabricate.class_folder_dataset(str(tmp_path / "folder"), [3, 3])
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "folder" / "class_01" / "img_009.png")
+    with caplog.at_level(logging.WARNING):
+        from_csv = folder.load_csv(str(csv_dir), "train_val", "train_val", skip_bad_images=True)
+        from_folder = folder.load_folder(
+            str(tmp_path / "folder"), "train_val", "train_val", skip_bad_images=True
+        )
+    assert [path for path, _ in from_csv.train.rows] == ["0.png", "1.png", "2.png", "3.png"]
+    assert len(from_folder.train) == 6
+    assert caplog.text.count("(broken symbolic link to") == 3
+    with pytest.raises(DataError, match=r"1 broken symbolic link"):
+        folder.load_folder(str(tmp_path / "folder"), "train_val", "train_val")
+
+
+def test_skip_bad_images_skips_broken_symlinks_when_preparing_a_leaf_dataset(tmp_path, caplog):
+    manual = tmp_path / "manual"
+    lists = fabricate.leaf_dataset(str(manual), "cotton", "cotton_square_new")
+    link = manual / "cotton_square_new" / lists["test"][1][0]
+    os.remove(link)
+    os.symlink(tmp_path / "gone.png", link)
+    with pytest.raises(DataError, match=r"1 broken symbolic link"):
+        _prepare(manual, tmp_path / "tfds")
+    builder = _prepare(manual, tmp_path / "tfds", skip_bad_images=True)
+    assert builder.info.splits["test"].num_examples == 5
+    assert f"skipped {link} (broken symbolic link" in caplog.text

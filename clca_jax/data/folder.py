@@ -127,12 +127,15 @@ def _finish(
     skip_bad_images: bool,
 ) -> records.LoadedData:
     """Checks the files exist, optionally drops unreadable ones, and wraps the splits."""
-    splits.check_files_exist(image_root, chosen)
+    splits.check_files_exist(image_root, chosen, skip_broken_links=skip_bad_images)
     train = records.FileSource(image_root, chosen[train_split])
     evaluation = records.FileSource(image_root, chosen[eval_split])
     if skip_bad_images:
         train = drop_bad_images(train, f"split {train_split!r}")
-        evaluation = drop_bad_images(evaluation, f"split {eval_split!r}")
+        if eval_split == train_split:
+            evaluation = train
+        else:
+            evaluation = drop_bad_images(evaluation, f"split {eval_split!r}")
         splits.check_labels(
             {train_split: train.rows, eval_split: evaluation.rows},
             train_split,

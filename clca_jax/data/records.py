@@ -158,7 +158,10 @@ class FileSource:
             with open(full_path, "rb") as f:
                 data = f.read()
         except OSError as err:
-            raise BadImageError(full_path, str(err)) from err
+            reason = str(err)
+            if os.path.islink(full_path):
+                reason = f"broken symbolic link to {os.readlink(full_path)!r} ({err.strerror})"
+            raise BadImageError(full_path, reason) from err
         return ImageRecord(data, label, full_path)
 
 

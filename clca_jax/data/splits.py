@@ -196,28 +196,48 @@ def check_labels(
             )
 
 
-def find_missing_files(root: str, rows: Sequence[tuple[str, int]]) -> list[str]:
-    """Relative paths of `rows` that are not files under `root`, in row order."""
-    return [path for path, _ in rows if not os.path.isfile(os.path.join(root, path))]
+BROKEN_LINK = "broken symbolic link(s) (target missing, or a loop)"
 
 
-def check_files_exist(root: str, splits: Mapping[str, SplitList]) -> None:
-    """Raises a `DataError` listing the rows whose image file does not exist.
+def file_problem(path: str) -> str | None:
+    """Why `path` is not a readable image file, or None when it is a regular file."""
+    if os.path.isfile(path):
+        return None
+    if os.path.islink(path) and not os.path.exists(path):
+        return BROKEN_LINK
+    if os.path.exists(path):
+        return "not a regular file (a folder?)"
+    return "missing"
+
+
+def check_files_exist(
+    root: str, splits: Mapping[str, SplitList], skip_broken_links: bool = False
+) -> None:
+    """Raises a `DataError` listing the rows whose image is missing or not a readable file.
 
     Args:
       root: the folder the `dir` values are relative to.
       splits: split lists by name.
+      skip_broken_links: let broken symbolic links (missing target, or a loop) pass; the
+        caller leaves them out with the other unreadable images.
     """
     problems = []
     for name, rows in splits.items():
-        missing = find_missing_files(root, rows)
-        if missing:
-            problems.append(f"split {name!r}: {len(missing)} missing, e.g. {_listed(missing)}")
+        found = collections.defaultdict(list)
+        for path, _ in rows:
+            problem = file_problem(os.path.join(root, path))
+            if problem and not (skip_broken_links and problem == BROKEN_LINK):
+                found[problem].append(path)
+        problems += [
+            f"split {name!r}: {len(paths)} {problem}, e.g. {_listed(paths)}"
+            for problem, paths in found.items()
+        ]
     if problems:
         raise DataError(
-            f"image files named in the split lists do not exist under {root}: "
+            f"image files named in the split lists cannot be read under {root}: "
             + "; ".join(problems)
-            + ". Check data.dir (and the image folder) or restore the files."
+            + ". Check data.dir (and the image folder), restore the files or repair the "
+            "symbolic links (data.skip_bad_images=True leaves broken links out)."
         )
 
 

@@ -170,7 +170,7 @@ class UfgirBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         num_classes = self._check_lists(lists)
         extract_dir = os.path.join(os.fspath(dl_manager.download_dir), "manual_extracted")
         image_root = find_image_root(manual_dir, self.LEAF, lists["test"][0][0], extract_dir)
-        splits.check_files_exist(image_root, lists)
+        splits.check_files_exist(image_root, lists, skip_broken_links=self.skip_bad_images)
         self.info.metadata["num_classes"] = num_classes
         # The class count of a run is that of its training split (spec 6.3), which for a
         # sub-split may be smaller; these let the loader check that without reading records.
@@ -194,8 +194,8 @@ class UfgirBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         source = records.FileSource(image_root, rows)
         skipped = []
         for index, (path, label) in enumerate(rows):
-            record = source[index]
             try:
+                record = source[index]
                 records.decode_rgb(record)
             except records.BadImageError as err:
                 if not self.skip_bad_images:
@@ -317,7 +317,8 @@ def _search_image_root(base: str, image_folder: str, probe: str, depth: int = 2)
     for _ in range(depth + 1):
         for folder in level:
             candidate = os.path.normpath(os.path.join(folder, image_folder))
-            if os.path.isfile(os.path.join(candidate, probe)):
+            # lexists: a broken link is found here and reported as such by the file check.
+            if os.path.lexists(os.path.join(candidate, probe)):
                 return candidate
         level = [
             e.path for d in level for e in sorted(os.scandir(d), key=lambda e: e.name) if e.is_dir()
