@@ -229,3 +229,26 @@ def test_skip_bad_images_skips_broken_symlinks_when_preparing_a_leaf_dataset(tmp
     builder = _prepare(manual, tmp_path / "tfds", skip_bad_images=True)
     assert builder.info.splits["test"].num_examples == 5
     assert f"skipped {link} (broken symbolic link" in caplog.text
+
+
+# --- legal rows that are usually a mistake (warned) ----------------------------------------
+
+
+def test_csv_rows_outside_the_folder_twice_or_in_both_splits_each_warn(tmp_path, caplog):
+    data_dir = tmp_path / "data"
+    for name in ("a", "b", "c", "d"):
+        fabricate.write_image(str(data_dir / f"{name}.png"), seed=ord(name))
+    fabricate.write_image(str(tmp_path / "elsewhere.png"), seed=0)
+    train = [("a.png", 0), ("b.png", 1), ("./b.png", 0), ("../elsewhere.png", 1)]
+    fabricate.write_csv(str(data_dir / "train_val.csv"), train)
+    fabricate.write_csv(str(data_dir / "test.csv"), [("c.png", 0), ("a.png", 0), ("d.png", 1)])
+    with caplog.at_level(logging.WARNING):
+        loaded = folder.load_csv(str(data_dir), "train_val", "test")
+    assert (len(loaded.train), len(loaded.eval)) == (4, 3)  # warnings only
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 3, lines
+    assert "split 'train_val': 1 path(s) outside" in lines[0] and "../elsewhere.png" in lines[0]
+    assert "lists 1 image(s) more than once (1 of them with different class ids)" in lines[1]
+    assert (
+        "1 image(s) of evaluation split 'test' are also in training split 'train_val'" in (lines[2])
+    )

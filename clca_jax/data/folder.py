@@ -14,10 +14,13 @@ CSV route (`data.name='csv'`): `data.dir/<split>.csv` with the columns `dir,clas
 is at `data.dir/<data.image_folder>/<dir>` (`image_folder` empty: the CSV folder itself). A
 missing `train.csv`/`val.csv` is carved from `train_val.csv`.
 
-Both routes check, before any training: no empty class, every label in `0..C-1` with C the
-number of distinct class ids of the training split, and every listed file present.
-Unreadable images stop the run with the file's name, or with `data.skip_bad_images` are
-decoded once up front, left out and listed in the log.
+Both routes leave out hidden files and folders (a name starting with `.`) at every depth, and
+check, before any training: no empty class, every label in `0..C-1` with C the number of
+distinct class ids of the training split, and every listed file present. Unreadable images
+(broken symbolic links included) stop the run with the file's name, or with
+`data.skip_bad_images` are decoded once up front, left out and listed in the log. Paths outside
+the image folder, images listed twice and evaluation images that are also training images are
+legal, and each logs one warning line.
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ def _finish(
 ) -> records.LoadedData:
     """Checks the files exist, optionally drops unreadable ones, and wraps the splits."""
     splits.check_files_exist(image_root, chosen, skip_broken_links=skip_bad_images)
+    splits.warn_about_rows(image_root, chosen, train_split, eval_split)
     train = records.FileSource(image_root, chosen[train_split])
     evaluation = records.FileSource(image_root, chosen[eval_split])
     if skip_bad_images:

@@ -241,6 +241,76 @@ def check_files_exist(
         )
 
 
+def warn_about_rows(
+    root: str, splits: Mapping[str, SplitList], train_name: str, eval_name: str
+) -> None:
+    """Logs one line each for rows that are legal but usually a mistake.
+
+    Paths leaving `root` (absolute, or `..` above it), the same image twice in one split, and
+    evaluation images that are also training images (the accuracy then measures memorisation).
+    Images are compared by their resolved paths.
+
+    Args:
+      root: the folder the `dir` values are relative to.
+      splits: the split lists of the run, by name.
+      train_name: the training split.
+      eval_name: the evaluation split.
+    """
+    resolved = {
+        name: [os.path.realpath(os.path.join(root, path)) for path, _ in rows]
+        for name, rows in splits.items()
+    }
+    for name, rows in splits.items():
+        outside = [p for p, _ in rows if os.path.isabs(p) or _leaves_root(p)]
+        if outside:
+            logging.warning(
+                "split %r: %d path(s) outside %s, e.g. %s",
+                name,
+                len(outside),
+                root,
+                _listed(outside),
+            )
+        labels = collections.defaultdict(set)
+        seen, repeated = set(), []
+        for image, (path, label) in zip(resolved[name], rows, strict=True):
+            labels[image].add(label)
+            if image in seen:
+                repeated.append((image, path))
+            seen.add(image)
+        if repeated:
+            conflicting = {image for image, _ in repeated if len(labels[image]) > 1}
+            logging.warning(
+                "split %r lists %d image(s) more than once (%d of them with different class "
+                "ids), e.g. %s",
+                name,
+                len({image for image, _ in repeated}),
+                len(conflicting),
+                _listed([path for _, path in repeated]),
+            )
+    if eval_name == train_name:
+        logging.warning("the evaluation split is the training split %r", train_name)
+        return
+    training = set(resolved[train_name])
+    shared = [
+        path
+        for image, (path, _) in zip(resolved[eval_name], splits[eval_name], strict=True)
+        if image in training
+    ]
+    if shared:
+        logging.warning(
+            "%d image(s) of evaluation split %r are also in training split %r, e.g. %s",
+            len(shared),
+            eval_name,
+            train_name,
+            _listed(shared),
+        )
+
+
+def _leaves_root(path: str) -> bool:
+    """True for a relative path that climbs above its root (`../x`, `a/../../x`)."""
+    return os.path.normpath(path).split(os.sep)[0] == ".."
+
+
 def _listed(items: Sequence) -> str:
     """Formats up to `MAX_LISTED` items, then how many more there are."""
     shown = ", ".join(str(x) for x in items[:MAX_LISTED])
