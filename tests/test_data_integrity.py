@@ -5,8 +5,11 @@ TFDS folder before and after (`snapshot`), so "nothing changed on disk" is check
 assumed.
 """
 
+import hashlib
+import io
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -252,3 +255,122 @@ def test_csv_rows_outside_the_folder_twice_or_in_both_splits_each_warn(tmp_path,
     assert (
         "1 image(s) of evaluation split 'test' are also in training split 'train_val'" in (lines[2])
     )
+
+
+# --- prepared leaf data follows data.dir (item 2) --------------------------------------------
+
+
+def snapshot(root):
+    """Every file under `root` by content hash and mtime, skipping the extraction cache."""
+    listing = {}
+    for parent, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "downloads"]
+        for name in files:
+            path = os.path.join(parent, name)
+            with open(path, "rb") as f:
+                listing[os.path.relpath(path, root)] = (
+                    hashlib.sha256(f.read()).hexdigest(),
+                    os.stat(path).st_mtime_ns,
+                )
+    return listing
+
+
+def _labels(builder, split):
+    source = ufgir.TfdsSource(builder, split)
+    return [source[i].label for i in range(len(source))]
+
+
+def test_corrected_split_file_is_prepared_again(tmp_path, caplog):
+    manual, tfds_dir = tmp_path / "manual", tmp_path / "tfds"
+    lists = fabricate.leaf_dataset(str(manual), "cotton", "cotton_square_new")
+    assert _labels(_prepare(manual, tfds_dir), "test")[0] == 0
+    corrected = [(lists["test"][0][0], 2)] + lists["test"][1:]
+    fabricate.write_csv(str(manual / "test.csv"), corrected)
+    with caplog.at_level(logging.WARNING):
+        builder = _prepare(manual, tfds_dir)
+    assert _labels(builder, "test") == [label for _, label in corrected]
+    assert "split files changed: test.csv" in caplog.text
+    assert sorted(os.listdir(tfds_dir)) == ["downloads", "ufgir_cotton"]  # no staging left
+
+
+def test_data_dir_with_other_images_is_prepared_again(tmp_path):
+    first, second, tfds_dir = tmp_path / "first", tmp_path / "second", tmp_path / "tfds"
+    lists = fabricate.leaf_dataset(str(first), "cotton", "cotton_square_new")
+    shutil.copytree(first, second)
+    replaced = second / "cotton_square_new" / lists["test"][0][0]
+    fabricate.write_image(str(replaced), seed=12345, size=(9, 9))
+    _prepare(first, tfds_dir)
+    record = ufgir.TfdsSource(_prepare(second, tfds_dir), "test")[0]
+    assert record.image == replaced.read_bytes()
+
+
+def test_unchanged_source_uses_the_prepared_data(tmp_path, caplog):
+    manual, tfds_dir = tmp_path / "manual", tmp_path / "tfds"
+    fabricate.leaf_dataset(str(manual), "cotton", "cotton_square_new")
+    _prepare(manual, tfds_dir)
+    before = snapshot(tfds_dir)
+    with caplog.at_level(logging.WARNING):
+        _prepare(manual, tfds_dir)
+    assert snapshot(tfds_dir) == before
+    assert "preparing it again" not in caplog.text
+
+
+def test_changed_source_that_fails_to_prepare_leaves_the_prepared_data(tmp_path):
+    manual, tfds_dir = tmp_path / "manual", tmp_path / "tfds"
+    lists = fabricate.leaf_dataset(str(manual), "cotton", "cotton_square_new")
+    _prepare(manual, tfds_dir)
+    before = snapshot(tfds_dir)
+    bad = manual / "cotton_square_new" / lists["train_val"][3][0]
+    fabricate.write_corrupt(str(bad))
+    with pytest.raises(records.BadImageError, match=str(bad)):
+        _prepare(manual, tfds_dir)
+    assert snapshot(tfds_dir) == before
+    assert sorted(os.listdir(tfds_dir)) == ["downloads", "ufgir_cotton"]
+
+
+def test_replaced_archive_is_extracted_and_prepared_again(tmp_path):
+    staging, manual, tfds_dir = tmp_path / "staging", tmp_path / "manual", tmp_path / "tfds"
+    lists = fabricate.leaf_dataset(str(staging / "Cotton80"), "cotton", "cotton_square_new")
+    manual.mkdir()
+    for split in lists:
+        shutil.move(staging / "Cotton80" / f"{split}.csv", manual / f"{split}.csv")
+    shutil.make_archive(str(manual / "Cotton80"), "zip", staging)
+    first = ufgir.TfdsSource(_prepare(manual, tfds_dir), "test")[0].image
+    changed = staging / "Cotton80" / "cotton_square_new" / lists["test"][0][0]
+    fabricate.write_image(str(changed), seed=4242, size=(9, 9))
+    os.remove(manual / "Cotton80.zip")
+    shutil.make_archive(str(manual / "Cotton80"), "zip", staging)
+    os.utime(manual / "Cotton80.zip", ns=(1, 10**18))  # another stamp, even within one tick
+    second = ufgir.TfdsSource(_prepare(manual, tfds_dir), "test")[0].image
+    assert first != second == changed.read_bytes()
+
+
+def test_prepared_data_without_its_data_dir_is_refused(tmp_path):
+    manual, tfds_dir = tmp_path / "manual", tmp_path / "tfds"
+    fabricate.leaf_dataset(str(manual), "cotton", "cotton_square_new")
+    _prepare(manual, tfds_dir)
+    with pytest.raises(
+        DataError, match=rf"data.dir = '{tmp_path}/moved' is not a folder.*{manual}"
+    ):
+        _prepare(tmp_path / "moved", tfds_dir)
+
+
+def test_changed_preparation_settings_prepare_again(tmp_path):
+    manual, tfds_dir = tmp_path / "manual", tmp_path / "tfds"
+    lists = fabricate.leaf_dataset(str(manual), "cotton", "cotton_square_new")
+    fabricate.write_corrupt(str(manual / "cotton_square_new" / lists["test"][1][0]))
+    assert _prepare(manual, tfds_dir, skip_bad_images=True).info.splits["test"].num_examples == 5
+    with pytest.raises(records.BadImageError):  # skipping is no longer asked for
+        _prepare(manual, tfds_dir)
+
+
+def test_array_records_keep_working_after_the_swap(tmp_path):
+    # The swap moves prepared files between folders; their paths are relative.
+    manual, tfds_dir = tmp_path / "manual", tmp_path / "tfds"
+    fabricate.leaf_dataset(str(manual), "cotton", "cotton_square_new")
+    _prepare(manual, tfds_dir)
+    (manual / "test.csv").write_bytes((manual / "test.csv").read_bytes() + b"\n")
+    builder = _prepare(manual, tfds_dir)
+    record = ufgir.TfdsSource(builder, "train_val")[14]
+    assert records.decode_rgb(record).mode == "RGB"
+    assert io.BytesIO(record.image).read(4) == b"\x89PNG"
