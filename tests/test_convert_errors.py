@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ from clca_jax.convert.cli import main as convert_main
 from tests.timm_helpers import TINY, make_timm_model, save_state_dict
 
 SIZES = ["--embed-dim", "64", "--depth", "2", "--num-heads", "2"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +121,135 @@ def test_load_pretrained_rejects_config_of_another_model(tmp_path, tiny_state, c
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="missing params/blocks_2/attn/proj/bias"):
         load_pretrained(str(tmp_path / "out"))
+
+
+# --- the output folder (issue 14, item 1) ----------------------------------------------------
+
+
+def listing(root):
+    """Every path under `root` with its content hash (files) or None (folders)."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(folder, name), root)] = None
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+def convert(checkpoint, out, *extra):
+    args = ["--checkpoint", str(checkpoint), "--model", "vit_tiny_patch16_224", "--out", str(out)]
+    return convert_main(args + SIZES + list(extra))
+
+
+def test_out_holding_a_training_run_is_refused_and_left_as_it_was(tmp_path, tiny_state, capsys):
+    path = save_state_dict(tiny_state, str(tmp_path / "w.pth"))
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "3").mkdir(parents=True)
+    (workdir / "config.json").write_text('{"train": {"epochs": 3}}')
+    (workdir / "summary.json").write_text("{}")
+    before = listing(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        assert convert(path, workdir, *extra) == 2
+        err = capsys.readouterr().err
+        assert "holds files of something other than a converted model" in err
+        assert err.count("\n") == 1
+        assert listing(tmp_path) == before
+
+
+def test_out_holding_only_a_config_is_refused(tmp_path, tiny_state, capsys):
+    # Without variables/ the old check let config.json and conversion.txt be overwritten.
+    path = save_state_dict(tiny_state, str(tmp_path / "w.pth"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    before = listing(tmp_path)
+    assert convert(path, out) == 2
+    assert "other than a converted model" in capsys.readouterr().err
+    assert listing(tmp_path) == before
+
+
+def test_converted_model_is_replaced_only_with_overwrite(tmp_path, tiny_state, capsys):
+    path = save_state_dict(tiny_state, str(tmp_path / "w.pth"))
+    out = tmp_path / "out"
+    assert convert(path, out) == 0
+    before = listing(tmp_path)
+    assert convert(path, out, "--num-classes", "7") == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert listing(tmp_path) == before
+    assert convert(path, out, "--num-classes", "7", "--overwrite") == 0
+    model, _ = load_pretrained(str(out))
+    assert model.num_classes == 7
+    assert sorted(os.listdir(tmp_path)) == ["out", "w.pth"]  # no temporary folder left
+
+
+def test_empty_out_folder_is_used(tmp_path, tiny_state):
+    path = save_state_dict(tiny_state, str(tmp_path / "w.pth"))
+    (tmp_path / "out").mkdir()
+    assert convert(path, tmp_path / "out") == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "conversion.txt", "variables"]
+
+
+@pytest.mark.parametrize("where", ["below", "is"])
+def test_out_at_or_below_a_regular_file_is_refused(tmp_path, tiny_state, capsys, where):
+    path = save_state_dict(tiny_state, str(tmp_path / "w.pth"))
+    (tmp_path / "a_file").write_text("not a folder\n")
+    out = tmp_path / "a_file" / "out" if where == "below" else tmp_path / "a_file"
+    before = listing(tmp_path)
+    assert convert(path, out) == 2
+    err = capsys.readouterr().err
+    assert ("a_file is a file, not a folder" if where == "below" else "is a file;") in err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert listing(tmp_path) == before
+
+
+_KILL_WHILE_SAVING = """
+import os, signal, sys
+import orbax.checkpoint as ocp
+from clca_jax.convert.cli import main
+
+finish = ocp.StandardCheckpointer.wait_until_finished
+
+def finish_then_die(self):
+    finish(self)  # the variables are on disk, the config is not
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ocp.StandardCheckpointer.wait_until_finished = finish_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _convert_and_get_killed(checkpoint, out, *extra):
+    args = ["--checkpoint", str(checkpoint), "--model", "vit_tiny_patch16_224", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-c", _KILL_WHILE_SAVING, *args, *SIZES, *extra],
+        cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+
+def test_conversion_killed_while_saving_leaves_no_half_written_out(tmp_path, tiny_state):
+    path = save_state_dict(tiny_state, str(tmp_path / "w.pth"))
+    out = tmp_path / "out"
+    _convert_and_get_killed(path, out)
+    assert not out.exists()
+    leftovers = [name for name in os.listdir(tmp_path) if name.startswith(".out.partial-")]
+    assert len(leftovers) == 1
+    assert convert(path, out) == 0  # ... and the next conversion removes the leftover
+    assert sorted(os.listdir(tmp_path)) == ["out", "w.pth"]
+    load_pretrained(str(out))
+
+
+def test_overwrite_killed_while_saving_keeps_the_old_model(tmp_path, tiny_state):
+    path = save_state_dict(tiny_state, str(tmp_path / "w.pth"))
+    out = tmp_path / "out"
+    assert convert(path, out) == 0
+    before = listing(out)
+    _convert_and_get_killed(path, out, "--num-classes", "7", "--overwrite")
+    assert listing(out) == before
+    assert load_pretrained(str(out))[0].num_classes == 10
