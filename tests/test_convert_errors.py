@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -253,3 +254,75 @@ def test_overwrite_killed_while_saving_keeps_the_old_model(tmp_path, tiny_state)
     _convert_and_get_killed(path, out, "--num-classes", "7", "--overwrite")
     assert listing(out) == before
     assert load_pretrained(str(out))[0].num_classes == 10
+
+
+# --- checkpoints that are not what they claim (item 12) --------------------------------------
+
+
+def test_resnet_state_dict_is_reported_as_not_a_vit(tmp_path, capsys):
+    generator = torch.Generator().manual_seed(0)
+    resnet = {
+        "conv1.weight": torch.randn(8, 3, 7, 7, generator=generator),
+        "bn1.weight": torch.ones(8),
+        "bn1.running_mean": torch.zeros(8),
+        "layer1.0.conv1.weight": torch.randn(8, 8, 3, 3, generator=generator),
+        "fc.weight": torch.randn(10, 8, generator=generator),
+        "fc.bias": torch.zeros(10),
+    }
+    path = save_state_dict(resnet, str(tmp_path / "resnet.pth"))
+    code, err, out = run(tmp_path, path, capsys)
+    assert code == 2 and "not a timm Vision Transformer state dict" in err
+    assert "qkv_bias" not in err and "patch_bias" not in err
+    assert not out.exists()
+
+
+def test_prefixed_vit_keys_are_pointed_out(tmp_path, tiny_state, capsys):
+    state = {f"module.{key}": value for key, value in tiny_state.items()}
+    path = save_state_dict(state, str(tmp_path / "ddp.pth"))
+    code, err, _ = run(tmp_path, path, capsys)
+    assert code == 2 and "carry the prefix 'module.'" in err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"<html><body>Rate limit exceeded</body></html>\n", r"is not a PyTorch checkpoint"),
+        (b"", r"is empty"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\n", r"is a Git LFS pointer"),
+    ],
+)
+def test_file_that_is_not_a_torch_checkpoint_is_named(tmp_path, capsys, content, message):
+    path = tmp_path / "w.pth"
+    path.write_bytes(content)
+    code, err, out = run(tmp_path, path, capsys)
+    assert code == 2 and re.search(rf"w.pth {message}", err), err
+    assert "pop from empty list" not in err and not out.exists()
+
+
+def test_safetensors_named_pth_is_recognised(tmp_path, tiny_state, capsys):
+    path = save_state_dict(tiny_state, str(tmp_path / "w.safetensors"))
+    os.rename(path, tmp_path / "w.pth")
+    code, err, _ = run(tmp_path, tmp_path / "w.pth", capsys)
+    assert code == 2 and "is a safetensors file; name it .safetensors" in err
+
+
+def test_missing_checkpoint_or_a_folder_is_named(tmp_path, capsys):
+    code, err, _ = run(tmp_path, tmp_path / "nothing.pth", capsys)
+    assert code == 2 and "nothing.pth does not exist" in err
+    code, err, _ = run(tmp_path, tmp_path, capsys)
+    assert code == 2 and "is a folder" in err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e39])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_non_finite_weights_are_refused_naming_the_tensor(
+    tmp_path, tiny_state, capsys, bad, suffix
+):
+    state = dict(tiny_state)
+    weight = state["blocks.1.mlp.fc2.weight"].clone().double()
+    weight[3, 5] = bad
+    state["blocks.1.mlp.fc2.weight"] = weight
+    path = save_state_dict(state, str(tmp_path / f"w{suffix}"))
+    code, err, out = run(tmp_path, path, capsys)
+    assert code == 2 and "tensor 'blocks.1.mlp.fc2.weight' holds" in err
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == [f"w{suffix}"]
