@@ -364,6 +364,16 @@ def test_changed_preparation_settings_prepare_again(tmp_path):
         _prepare(manual, tfds_dir)
 
 
+def test_published_counts_are_checked_when_prepared_data_is_reused(tmp_path):
+    manual, tfds_dir = tmp_path / "manual", tmp_path / "tfds"
+    fabricate.leaf_dataset(str(manual), "cotton", "cotton_square_new")
+    _prepare(manual, tfds_dir)  # a subset, prepared on purpose
+    before = snapshot(tfds_dir)
+    with pytest.raises(DataError, match=r"rows of test.csv: 6, published 240"):
+        ufgir.prepare("cotton", str(manual), str(tfds_dir), check_published_counts=True)
+    assert snapshot(tfds_dir) == before
+
+
 def test_array_records_keep_working_after_the_swap(tmp_path):
     # The swap moves prepared files between folders; their paths are relative.
     manual, tfds_dir = tmp_path / "manual", tmp_path / "tfds"

@@ -159,11 +159,12 @@ class UfgirBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     @property
     def options(self) -> dict[str, bool]:
-        """The preparation settings, recorded with the source (they change what is stored)."""
-        return {
-            "skip_bad_images": self.skip_bad_images,
-            "check_published_counts": self.check_published_counts,
-        }
+        """The settings that change what is stored, recorded with the source.
+
+        `check_published_counts` stores nothing different (it passes or stops), so it is not
+        among them; `prepare` checks the counts again when a prepared dataset is reused.
+        """
+        return {"skip_bad_images": self.skip_bad_images}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -550,9 +551,11 @@ def prepare(
     if not builder.is_prepared():
         _download_and_prepare(builder, manual_dir, tfds_dir)
         return builder
-    current = source_record(manual_dir, leaf, read_leaf_lists(manual_dir, leaf), options)
+    lists = read_leaf_lists(manual_dir, leaf)
+    current = source_record(manual_dir, leaf, lists, builder.options)
     differences = source_differences(_recorded_source(builder), current)
     if not differences:
+        builder._check_lists(lists)  # e.g. the published counts, if skipped when prepared
         return builder
     logging.warning(
         "%s in %s does not match data.dir = %s (%s); preparing it again",
