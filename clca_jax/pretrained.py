@@ -136,8 +136,8 @@ def check_output_dir(directory: str, overwrite: bool = False) -> str:
         )
     if entries and not overwrite:
         raise FileExistsError(
-            f"{directory} already exists and holds a converted model; pass --overwrite to "
-            "replace it, or choose another folder."
+            f"{directory} already exists and holds a converted model; pass --overwrite "
+            "(overwrite=True) to replace it, or choose another folder."
         )
     return directory
 

@@ -178,7 +178,7 @@ def test_converted_model_is_replaced_only_with_overwrite(tmp_path, tiny_state, c
     assert convert(path, out) == 0
     before = listing(tmp_path)
     assert convert(path, out, "--num-classes", "7") == 2
-    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert "pass --overwrite (overwrite=True) to replace it" in capsys.readouterr().err
     assert listing(tmp_path) == before
     assert convert(path, out, "--num-classes", "7", "--overwrite") == 0
     model, _ = load_pretrained(str(out))
