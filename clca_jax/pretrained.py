@@ -5,12 +5,21 @@ Layout of a directory written by `save_pretrained` (and `tools/convert_timm_weig
     DIR/config.json       the `model` config section (JSON)
     DIR/variables/        orbax checkpoint of the Flax variables
     DIR/conversion.txt    what the converter mapped, resampled, re-created or dropped
+
+`save_pretrained` writes into a hidden folder beside DIR (`.DIR.partial-<host>-<pid>`) and
+renames it to DIR only when complete, so DIR never holds a half-written model, also when the
+process is killed; the next save to DIR removes what a killed one left. It refuses a DIR that
+is a file, lies below a file, or is a non-empty folder other than a converted model, and
+replaces a converted model only when asked to (`overwrite`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +35,7 @@ from clca_jax.models.vit import VisionTransformer
 # (`clca_jax.training.workdirs.RUN_CONFIG_FILE`).
 MODEL_CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
+NOTES_FILE = "conversion.txt"
 
 
 def model_config_from_dict(values: dict) -> ml_collections.ConfigDict:
@@ -40,22 +50,131 @@ def model_config_from_dict(values: dict) -> ml_collections.ConfigDict:
 
 
 def save_pretrained(
-    directory: str, variables: dict, model_config: ml_collections.ConfigDict, notes: str = ""
+    directory: str,
+    variables: dict,
+    model_config: ml_collections.ConfigDict,
+    notes: str = "",
+    overwrite: bool = False,
 ) -> None:
-    """Writes variables and config to `directory` (created; must not hold a checkpoint yet)."""
-    directory = os.path.abspath(directory)
-    target = os.path.join(directory, VARIABLES_DIR)
-    if os.path.exists(target):
-        raise FileExistsError(f"{target} already exists; choose another --out or remove it.")
-    os.makedirs(directory, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(target, jax.tree.map(np.asarray, variables))
-    checkpointer.wait_until_finished()
-    with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
-        f.write(model_config.to_json(indent=2))
-    if notes:
-        with open(os.path.join(directory, "conversion.txt"), "w") as f:
-            f.write(notes + "\n")
+    """Writes variables and config to `directory`, complete or not at all.
+
+    Args:
+      directory: the model directory: new, or an empty folder, or (with `overwrite`) a
+        converted model directory, which is replaced.
+      variables: the Flax variables.
+      model_config: the `model` config section they belong to.
+      notes: text for `conversion.txt` (none when empty).
+      overwrite: replace a converted model directory at `directory`.
+
+    Raises:
+      FileExistsError, NotADirectoryError: `directory` cannot be written; see
+        `check_output_dir`.
+    """
+    directory = check_output_dir(directory, overwrite)
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_leftovers(parent, name)
+    tag = f"{socket.gethostname()}-{os.getpid()}"
+    partial = os.path.join(parent, f".{name}.partial-{tag}")
+    replaced = os.path.join(parent, f".{name}.replaced-{tag}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        os.makedirs(partial)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(partial, VARIABLES_DIR), jax.tree.map(np.asarray, variables))
+        checkpointer.wait_until_finished()
+        with open(os.path.join(partial, MODEL_CONFIG_FILE), "w") as f:
+            f.write(model_config.to_json(indent=2))
+        if notes:
+            with open(os.path.join(partial, NOTES_FILE), "w") as f:
+                f.write(notes + "\n")
+        check_output_dir(directory, overwrite)  # again: something may have appeared meanwhile
+        if os.path.isdir(directory) and os.listdir(directory):
+            os.rename(directory, replaced)
+            os.rename(partial, directory)
+            shutil.rmtree(replaced)
+        else:
+            os.rename(partial, directory)  # replaces an empty folder
+    except BaseException:
+        if os.path.isdir(replaced) and not os.path.exists(directory):
+            os.rename(replaced, directory)  # the model it was to replace, back in place
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def check_output_dir(directory: str, overwrite: bool = False) -> str:
+    """Checks that a converted model may be written to `directory`; nothing is written.
+
+    Args:
+      directory: the intended model directory (`--out`).
+      overwrite: whether an existing converted model there may be replaced.
+
+    Returns:
+      The directory's absolute path (links resolved).
+
+    Raises:
+      NotADirectoryError: a folder above `directory` is a file.
+      FileExistsError: `directory` is a file, a non-empty folder that is not a converted
+        model, or (without `overwrite`) a converted model.
+    """
+    directory = os.path.realpath(directory)
+    above = os.path.dirname(directory)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise NotADirectoryError(
+            f"cannot create {directory}: {above} is a file, not a folder; choose an output "
+            "folder outside it."
+        )
+    if not os.path.exists(directory):
+        return directory
+    if not os.path.isdir(directory):
+        raise FileExistsError(f"{directory} already exists and is a file; choose another output.")
+    entries = sorted(os.listdir(directory))
+    if entries and not is_model_directory(directory):
+        raise FileExistsError(
+            f"{directory} already exists and holds files of something other than a converted "
+            f"model (e.g. {entries[:3]}); nothing was changed. Choose a new or empty folder."
+        )
+    if entries and not overwrite:
+        raise FileExistsError(
+            f"{directory} already exists and holds a converted model; pass --overwrite "
+            "(overwrite=True) to replace it, or choose another folder."
+        )
+    return directory
+
+
+def is_model_directory(directory: str) -> bool:
+    """True for a folder holding exactly what `save_pretrained` writes (notes optional)."""
+    entries = set(os.listdir(directory))
+    return (
+        {MODEL_CONFIG_FILE, VARIABLES_DIR}
+        <= entries
+        <= {MODEL_CONFIG_FILE, VARIABLES_DIR, NOTES_FILE}
+        and os.path.isfile(os.path.join(directory, MODEL_CONFIG_FILE))
+        and os.path.isdir(os.path.join(directory, VARIABLES_DIR))
+    )
+
+
+def _remove_stale_leftovers(parent: str, name: str) -> None:
+    """Deletes the temporary folders of killed saves to `parent/name` made on this host."""
+    pattern = re.compile(
+        rf"\.{re.escape(name)}\.(partial|replaced)-{re.escape(socket.gethostname())}-(\d+)"
+    )
+    for entry in os.listdir(parent):
+        match = pattern.fullmatch(entry)
+        if match and not _process_alive(int(match.group(2))):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def load_pretrained(directory: str) -> tuple[VisionTransformer, dict]:

@@ -93,7 +93,7 @@ def test_csv_row_pointing_at_missing_file_is_an_error(tmp_path):
     fabricate.write_csv(str(tmp_path / "train_val.csv"), rows[:2])
     fabricate.write_csv(str(tmp_path / "test.csv"), rows)
     with pytest.raises(
-        DataError, match=r"do not exist.*split 'test': 1 missing, e.g. \[missing.png\]"
+        DataError, match=r"cannot be read.*split 'test': 1 missing, e.g. \[missing.png\]"
     ):
         folder.load_csv(str(tmp_path), "train_val", "test")
 

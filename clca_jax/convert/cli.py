@@ -18,7 +18,7 @@ from clca_jax.convert.timm import (
     openclip_to_timm,
 )
 from clca_jax.models import default_model_config, get_backbone
-from clca_jax.pretrained import save_pretrained
+from clca_jax.pretrained import check_output_dir, save_pretrained
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="config file (optionally PATH:variant) whose `model` section describes the target: "
         "reduction method, keep rate, CLCA head and cache (official CLCA checkpoints)",
     )
-    parser.add_argument("--out", required=True, help="output directory (must not exist yet)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory: new or empty (an existing converted model only with --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the converted model already in --out (other non-empty folders are refused)",
+    )
     parser.add_argument(
         "--img-size", type=int, default=None, help="target image size (default: the backbone's)"
     )
@@ -120,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.time()
     try:
+        check_output_dir(args.out, args.overwrite)  # before the (slow) reading and converting
         print(f"reading {args.checkpoint}", flush=True)
         state = load_state_dict(args.checkpoint, trust_pickle=args.trust_pickle)
         timm_state = openclip_to_timm(state) if is_openclip(state) else state
@@ -130,14 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         variables, report = convert_state_dict(state, config, seed=args.seed)
         print(report.summary())
-        save_pretrained(args.out, variables, config, notes=report.summary())
+        save_pretrained(args.out, variables, config, report.summary(), args.overwrite)
         print(f"wrote {args.out} in {time.time() - start:.1f}s")
         if args.verify:
             from clca_jax.convert.verify import compare_with_timm
 
             diff = compare_with_timm(timm_state, variables, config)
             print(f"verify: max |logits - timm logits| = {diff:.3g}")
-    except (ConversionError, ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ConversionError, ValueError, OSError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

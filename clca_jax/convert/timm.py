@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from collections.abc import Callable, Mapping
 
@@ -39,8 +40,12 @@ def load_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarr
     A dict holding the state dict under `model` or `state_dict` (training checkpoints) is
     unwrapped. `.pth`/`.bin` need PyTorch (`pip install clca_jax[torch]`). Only tensors and
     plain containers are unpickled unless `trust_pickle` (training checkpoints that also store
-    Python objects such as argparse namespaces; use only for files you trust).
+    Python objects such as argparse namespaces; use only for files you trust). A tensor holding
+    NaN or infinite values (also after the cast to float32) is refused, naming it.
     """
+    if not os.path.isfile(path):
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise ConversionError(f"checkpoint {path} {what}; pass the weights file to --checkpoint.")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
@@ -50,10 +55,41 @@ def load_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarr
             raise ConversionError(f"Cannot read {path} as safetensors: {error}") from error
     else:
         state = _load_torch_file(path, trust_pickle)
-    return {key: np.asarray(value, dtype=np.float32) for key, value in state.items()}
+    with np.errstate(over="ignore"):  # an overflow shows as inf, refused below
+        arrays = {key: np.asarray(value, dtype=np.float32) for key, value in state.items()}
+    bad = {key: value for key, value in arrays.items() if not np.isfinite(value).all()}
+    if bad:
+        key, value = next(iter(bad.items()))
+        others = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        raise ConversionError(
+            f"{path}: tensor {key!r} holds {int(np.isnan(value).sum())} NaN and "
+            f"{int(np.isinf(value).sum())} infinite value(s) in float32{others}; the checkpoint "
+            "is damaged or comes from a diverged run. Convert another checkpoint."
+        )
+    return arrays
+
+
+# What a torch.save file starts with: a zip archive (current format) or a pickle (legacy).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def _load_torch_file(path: str, trust_pickle: bool) -> Mapping:
+    with open(path, "rb") as f:
+        start = f.read(32)
+    if not start:
+        raise ConversionError(f"{path} is empty; download or save the checkpoint again.")
+    if start[8:10] == b'{"':
+        raise ConversionError(f"{path} is a safetensors file; name it .safetensors to convert it.")
+    if start.startswith(b"version https://git-lfs"):
+        raise ConversionError(
+            f"{path} is a Git LFS pointer, not the weights; fetch them with `git lfs pull`."
+        )
+    if not start.startswith(_TORCH_MAGIC):
+        raise ConversionError(
+            f"{path} is not a PyTorch checkpoint: a torch.save file is a zip archive or a "
+            f"pickle, this one starts with {start[:12]!r}. Check that it is the weights file "
+            "itself (not a text or HTML page saved in its place)."
+        )
     try:
         import torch
     except ImportError as error:
@@ -159,8 +195,32 @@ def describe_checkpoint(state: Mapping[str, np.ndarray]) -> dict:
     return facts
 
 
+# Keys every timm-format ViT state dict has (OpenCLIP ones after renaming).
+_VIT_KEYS = {"patch_embed.proj.weight": 4, "blocks.0.attn.qkv.weight": 2}
+
+
+def check_is_vit(state: Mapping[str, np.ndarray]) -> None:
+    """Raises ConversionError when `state` is not a Vision Transformer state dict at all."""
+    wrong = [
+        key for key, ndim in _VIT_KEYS.items() if key not in state or np.ndim(state[key]) != ndim
+    ]
+    if not wrong:
+        return
+    prefixed = [k for k in state if k.endswith(".patch_embed.proj.weight")]
+    hint = ""
+    if prefixed:
+        hint = f" Its keys carry the prefix {prefixed[0][: -len('patch_embed.proj.weight')]!r}; "
+        hint += "save the state dict without it."
+    raise ConversionError(
+        f"The checkpoint is not a timm Vision Transformer state dict: it lacks {wrong} (or they "
+        f"have another shape); its first keys are {sorted(state)[:4]}.{hint} Convert a ViT, "
+        "DeiT-3, CLIP or CLCA checkpoint."
+    )
+
+
 def check_architecture(state: Mapping[str, np.ndarray], backbone: Backbone, model_name: str):
     """Raises ConversionError listing every architecture fact that disagrees with the model."""
+    check_is_vit(state)
     facts = describe_checkpoint(state)
     expected = {
         "embed_dim": backbone.embed_dim,

@@ -11,7 +11,8 @@ The configuration is `config.data`, an `ml_collections.ConfigDict` (see `default
 * `train_split`, `eval_split`: split names (`train`, `val`, `train_val`, `test`, or a sub-split
   such as `train_val_R1`); `train`/`val` are carved from `train_val` where they do not exist.
 * `skip_bad_images`: leave out (and log) undecodable images instead of stopping.
-* `tfds_dir`: where leaf datasets are prepared (default `~/tensorflow_datasets`).
+* `tfds_dir`: where leaf datasets are prepared (default `~/tensorflow_datasets`); prepared data
+  is used while `dir` holds the files it was made from, and prepared again when they change.
 * `image_folder`: csv route only, sub-folder of `dir` the CSV paths start from.
 * `check_published_counts`: leaf datasets only, compare counts with the published figures.
 * `num_threads`: reading threads per process (0 = one per core); `prefetch_batches`: batches

@@ -14,10 +14,13 @@ CSV route (`data.name='csv'`): `data.dir/<split>.csv` with the columns `dir,clas
 is at `data.dir/<data.image_folder>/<dir>` (`image_folder` empty: the CSV folder itself). A
 missing `train.csv`/`val.csv` is carved from `train_val.csv`.
 
-Both routes check, before any training: no empty class, every label in `0..C-1` with C the
-number of distinct class ids of the training split, and every listed file present.
-Unreadable images stop the run with the file's name, or with `data.skip_bad_images` are
-decoded once up front, left out and listed in the log.
+Both routes leave out hidden files and folders (a name starting with `.`) at every depth, and
+check, before any training: no empty class, every label in `0..C-1` with C the number of
+distinct class ids of the training split, and every listed file present. Unreadable images
+(broken symbolic links included) stop the run with the file's name, or with
+`data.skip_bad_images` are decoded once up front, left out and listed in the log. Paths outside
+the image folder, images listed twice and evaluation images that are also training images are
+legal, and each logs one warning line.
 """
 
 from __future__ import annotations
@@ -127,12 +130,16 @@ def _finish(
     skip_bad_images: bool,
 ) -> records.LoadedData:
     """Checks the files exist, optionally drops unreadable ones, and wraps the splits."""
-    splits.check_files_exist(image_root, chosen)
+    splits.check_files_exist(image_root, chosen, skip_broken_links=skip_bad_images)
+    splits.warn_about_rows(image_root, chosen, train_split, eval_split)
     train = records.FileSource(image_root, chosen[train_split])
     evaluation = records.FileSource(image_root, chosen[eval_split])
     if skip_bad_images:
         train = drop_bad_images(train, f"split {train_split!r}")
-        evaluation = drop_bad_images(evaluation, f"split {eval_split!r}")
+        if eval_split == train_split:
+            evaluation = train
+        else:
+            evaluation = drop_bad_images(evaluation, f"split {eval_split!r}")
         splits.check_labels(
             {train_split: train.rows, eval_split: evaluation.rows},
             train_split,
@@ -206,12 +213,16 @@ def _class_folder_rows(
 
 
 def _image_files(folder: str) -> list[str]:
-    """Image files under `folder` (recursively), relative to it, sorted."""
+    """Image files under `folder` (recursively), relative to it, sorted; hidden ones left out.
+
+    Hidden names (`.ipynb_checkpoints/`, macOS `._x.png`) are skipped at every depth, as the
+    CSV route skips rows naming them.
+    """
     found = []
     for parent, dirs, files in os.walk(folder):
-        dirs.sort()
+        dirs[:] = [d for d in dirs if not splits.is_hidden(d)]
         for f in files:
-            if f.lower().endswith(records.IMAGE_EXTENSIONS):
+            if f.lower().endswith(records.IMAGE_EXTENSIONS) and not splits.is_hidden(f):
                 found.append(os.path.relpath(os.path.join(parent, f), folder))
     return sorted(found)
 
@@ -229,7 +240,7 @@ def _require_classes(root: str, subfolders: list[str] | None) -> list[str]:
 
 def _subfolders(root: str) -> list[str]:
     """Sorted names of the visible sub-folders of `root`."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not splits.is_hidden(e.name))
 
 
 def _check_dir(path: str, what: str) -> None:

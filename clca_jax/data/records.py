@@ -82,7 +82,11 @@ class BadImageError(DataError):
 
 
 def decode_rgb(record: ImageRecord) -> Image.Image:
-    """Decodes a record into an RGB PIL image; grayscale and palette images are converted.
+    """Decodes a record into an RGB PIL image.
+
+    Grayscale, palette, CMYK and alpha images are converted as PIL's `convert("RGB")` does (the
+    reference's loader); the EXIF orientation tag is not applied, as there. Pixels of more than
+    8 bits are scaled, see `to_rgb`.
 
     Args:
       record: the record to decode.
@@ -90,14 +94,46 @@ def decode_rgb(record: ImageRecord) -> Image.Image:
     Returns:
       The fully loaded RGB image.
     """
-    if isinstance(record.image, np.ndarray):
-        return Image.fromarray(record.image).convert("RGB")
     try:
+        if isinstance(record.image, np.ndarray):
+            return to_rgb(Image.fromarray(record.image))
         with Image.open(io.BytesIO(record.image)) as image:
             # convert() loads the pixels, so truncated files fail here and not later.
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+            return to_rgb(image)
+    except (OSError, ValueError, TypeError, Image.DecompressionBombError) as err:
         raise BadImageError(record.name, str(err)) from err
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any PIL mode as 8-bit RGB, scaling pixels of more than 8 bits.
+
+    PIL's `convert("RGB")` clips high-bit-depth grayscale to 255 instead of scaling it, so:
+
+    * 16-bit unsigned grayscale (`I;16*`, e.g. 16-bit PNG and TIFF) maps 0..65535 onto
+      0..255 (value / 257, rounded). PIL already reads 16-bit RGB(A) PNGs as 8-bit.
+    * floating point (`F`) with every value in 0..1 maps onto 0..255 (value * 255, rounded).
+    * signed or 32-bit integer (`I`) and floating point outside 0..1 have no standard 8-bit
+      scale and are refused (ValueError naming the value range).
+
+    Args:
+      image: an opened PIL image.
+
+    Returns:
+      The loaded RGB image.
+    """
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        pixels = np.asarray(image)
+        low, high = (pixels.min(), pixels.max()) if pixels.size else (0, 0)
+        if image.mode.startswith("I;16") and pixels.dtype.kind == "u":
+            return Image.fromarray(np.round(pixels / 257.0).astype(np.uint8)).convert("RGB")
+        if image.mode == "F" and np.isfinite(pixels).all() and 0 <= low and high <= 1:
+            return Image.fromarray(np.round(pixels * 255.0).astype(np.uint8)).convert("RGB")
+        kind = "floating-point" if image.mode == "F" else "signed or 32-bit integer"
+        raise ValueError(
+            f"{kind} pixels (PIL mode {image.mode}, values {low}..{high}) have no standard 8-bit "
+            "scale; save the image as 8-bit or 16-bit unsigned (or floating point in 0..1)"
+        )
+    return image.convert("RGB")
 
 
 class FileSource:
@@ -122,7 +158,10 @@ class FileSource:
             with open(full_path, "rb") as f:
                 data = f.read()
         except OSError as err:
-            raise BadImageError(full_path, str(err)) from err
+            reason = str(err)
+            if os.path.islink(full_path):
+                reason = f"broken symbolic link to {os.readlink(full_path)!r} ({err.strerror})"
+            raise BadImageError(full_path, reason) from err
         return ImageRecord(data, label, full_path)
 
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
+import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 SplitList = list[tuple[str, int]]
@@ -20,6 +23,8 @@ SplitList = list[tuple[str, int]]
 TRAIN_FRACTION = 0.8
 # How many offending entries an error message lists before it only gives the count.
 MAX_LISTED = 10
+# A class id as a CSV holds it: ASCII digits, optionally signed (int() would also take "1_0").
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 class DataError(ValueError):
@@ -29,27 +34,63 @@ class DataError(ValueError):
 def read_split_csv(csv_path: str) -> SplitList:
     """Reads one split file with the columns `dir` and `class_id` (any order, header first).
 
+    The file is UTF-8, with or without the byte-order mark spreadsheet programs write. Rows
+    naming a hidden file or folder (a path part starting with `.`, such as
+    `.ipynb_checkpoints/` or macOS `._x.png`) are left out, as the folder route leaves them
+    out, and counted in the log.
+
     Args:
       csv_path: path of the CSV file.
 
     Returns:
       The `(dir, class_id)` rows in file order.
     """
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
+    with open(csv_path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{csv_path} line {line}: byte {data[err.start]:#04x} is not UTF-8 text; save the "
+            "file as UTF-8 (a spreadsheet's 'CSV UTF-8' format)."
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = [name.strip() for name in reader.fieldnames or []]
+        reader.fieldnames = header
+        if not header:
+            raise DataError(f"{csv_path} is empty; it needs a header `dir,class_id` and rows.")
         missing = [c for c in ("dir", "class_id") if c not in header]
         if missing:
+            hint = ""
+            if any(";" in name for name in header):
+                hint = " (the file looks semicolon-separated; use commas)"
             raise DataError(
-                f"{csv_path}: missing column(s) {missing}; header seen: {header}. "
+                f"{csv_path}: missing column(s) {missing}; header seen: {header}{hint}. "
                 "A split file needs a header with the columns `dir,class_id`."
             )
-        rows = [_parse_row(csv_path, line, row) for line, row in enumerate(reader, start=2)]
-    if not rows:
+        rows = [_parse_row(csv_path, reader.line_num, row) for row in reader]
+    except csv.Error as err:
         raise DataError(
-            f"{csv_path} has a header but no rows; add one `dir,class_id` row per image."
+            f"{csv_path} line {reader.line_num}: not a readable CSV row ({err}); fix that line."
+        ) from None
+    kept = [row for row in rows if not is_hidden(row[0])]
+    if len(kept) < len(rows):
+        hidden = [path for path, _ in rows if is_hidden(path)]
+        logging.warning(
+            "%s: left out %d row(s) naming hidden files or folders, e.g. %s",
+            csv_path,
+            len(hidden),
+            _listed(hidden),
         )
-    return rows
+    if not kept:
+        raise DataError(
+            f"{csv_path} has a header but no rows"
+            + (" other than hidden files" if rows else "")
+            + "; add one `dir,class_id` row per image."
+        )
+    return kept
 
 
 def _parse_row(csv_path: str, line: int, row: Mapping[str, str]) -> tuple[str, int]:
@@ -57,13 +98,23 @@ def _parse_row(csv_path: str, line: int, row: Mapping[str, str]) -> tuple[str, i
     path, label = (row.get("dir") or "").strip(), (row.get("class_id") or "").strip()
     if not path:
         raise DataError(f"{csv_path} line {line}: empty `dir` value; every row names an image.")
-    try:
-        return path, int(label)
-    except ValueError:
+    if not _INTEGER.fullmatch(label):
         raise DataError(
             f"{csv_path} line {line}: class_id {label!r} is not an integer; "
             "class ids are integers 0..C-1."
-        ) from None
+        )
+    class_id = int(label)
+    if class_id < 0:
+        raise DataError(
+            f"{csv_path} line {line}: class_id {class_id} is negative; class ids are integers "
+            "0..C-1."
+        )
+    return path, class_id
+
+
+def is_hidden(path: str) -> bool:
+    """True when a part of `path` is a hidden name (starts with `.`; `.` and `..` are not)."""
+    return any(part.startswith(".") and part not in (".", "..") for part in path.split("/"))
 
 
 def carve_train_val(
@@ -145,29 +196,119 @@ def check_labels(
             )
 
 
-def find_missing_files(root: str, rows: Sequence[tuple[str, int]]) -> list[str]:
-    """Relative paths of `rows` that are not files under `root`, in row order."""
-    return [path for path, _ in rows if not os.path.isfile(os.path.join(root, path))]
+BROKEN_LINK = "broken symbolic link(s) (target missing, or a loop)"
 
 
-def check_files_exist(root: str, splits: Mapping[str, SplitList]) -> None:
-    """Raises a `DataError` listing the rows whose image file does not exist.
+def file_problem(path: str) -> str | None:
+    """Why `path` is not a readable image file, or None when it is a regular file."""
+    if os.path.isfile(path):
+        return None
+    if os.path.islink(path) and not os.path.exists(path):
+        return BROKEN_LINK
+    if os.path.exists(path):
+        return "not a regular file (a folder?)"
+    return "missing"
+
+
+def check_files_exist(
+    root: str, splits: Mapping[str, SplitList], skip_broken_links: bool = False
+) -> None:
+    """Raises a `DataError` listing the rows whose image is missing or not a readable file.
 
     Args:
       root: the folder the `dir` values are relative to.
       splits: split lists by name.
+      skip_broken_links: let broken symbolic links (missing target, or a loop) pass; the
+        caller leaves them out with the other unreadable images.
     """
     problems = []
     for name, rows in splits.items():
-        missing = find_missing_files(root, rows)
-        if missing:
-            problems.append(f"split {name!r}: {len(missing)} missing, e.g. {_listed(missing)}")
+        found = collections.defaultdict(list)
+        for path, _ in rows:
+            problem = file_problem(os.path.join(root, path))
+            if problem and not (skip_broken_links and problem == BROKEN_LINK):
+                found[problem].append(path)
+        problems += [
+            f"split {name!r}: {len(paths)} {problem}, e.g. {_listed(paths)}"
+            for problem, paths in found.items()
+        ]
     if problems:
         raise DataError(
-            f"image files named in the split lists do not exist under {root}: "
+            f"image files named in the split lists cannot be read under {root}: "
             + "; ".join(problems)
-            + ". Check data.dir (and the image folder) or restore the files."
+            + ". Check data.dir (and the image folder), restore the files or repair the "
+            "symbolic links (data.skip_bad_images=True leaves broken links out)."
         )
+
+
+def warn_about_rows(
+    root: str, splits: Mapping[str, SplitList], train_name: str, eval_name: str
+) -> None:
+    """Logs one line each for rows that are legal but usually a mistake.
+
+    Paths leaving `root` (absolute, or `..` above it), the same image twice in one split, and
+    evaluation images that are also training images (the accuracy then measures memorisation).
+    Images are compared by their resolved paths.
+
+    Args:
+      root: the folder the `dir` values are relative to.
+      splits: the split lists of the run, by name.
+      train_name: the training split.
+      eval_name: the evaluation split.
+    """
+    resolved = {
+        name: [os.path.realpath(os.path.join(root, path)) for path, _ in rows]
+        for name, rows in splits.items()
+    }
+    for name, rows in splits.items():
+        outside = [p for p, _ in rows if os.path.isabs(p) or _leaves_root(p)]
+        if outside:
+            logging.warning(
+                "split %r: %d path(s) outside %s, e.g. %s",
+                name,
+                len(outside),
+                root,
+                _listed(outside),
+            )
+        labels = collections.defaultdict(set)
+        seen, repeated = set(), []
+        for image, (path, label) in zip(resolved[name], rows, strict=True):
+            labels[image].add(label)
+            if image in seen:
+                repeated.append((image, path))
+            seen.add(image)
+        if repeated:
+            conflicting = {image for image, _ in repeated if len(labels[image]) > 1}
+            logging.warning(
+                "split %r lists %d image(s) more than once (%d of them with different class "
+                "ids), e.g. %s",
+                name,
+                len({image for image, _ in repeated}),
+                len(conflicting),
+                _listed([path for _, path in repeated]),
+            )
+    if eval_name == train_name:
+        logging.warning("the evaluation split is the training split %r", train_name)
+        return
+    training = set(resolved[train_name])
+    shared = [
+        path
+        for image, (path, _) in zip(resolved[eval_name], splits[eval_name], strict=True)
+        if image in training
+    ]
+    if shared:
+        logging.warning(
+            "%d image(s) of evaluation split %r are also in training split %r, e.g. %s",
+            len(shared),
+            eval_name,
+            train_name,
+            _listed(shared),
+        )
+
+
+def _leaves_root(path: str) -> bool:
+    """True for a relative path that climbs above its root (`../x`, `a/../../x`)."""
+    return os.path.normpath(path).split(os.sep)[0] == ".."
 
 
 def _listed(items: Sequence) -> str:

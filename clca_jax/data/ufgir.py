@@ -17,6 +17,13 @@ and (unless `check_published_counts=False`, for subsets) that the class count an
 while it is written: a broken file stops preparation with its name, or with
 `skip_bad_images=True` is left out and listed in the log.
 
+The prepared data records its source (`metadata.json`, key `source`): the SHA-256 of every
+split file, the size and modification time of every listed image (or of the archives, when the
+images are only there) and the preparation settings. Each later use compares that record with
+`data.dir` (one `stat` per image, no image read); on any difference the dataset is prepared
+again in `<tfds_dir>/.ufgir_<name>.staging` and swapped in only when complete, so a failed
+preparation leaves the old data as it was. Like the first preparation, run it in one process.
+
 Storage choices, all checked with tensorflow-datasets 4.9.10 and TensorFlow not installed:
 
 * `download_and_prepare` works without TF for a `GeneratorBasedBuilder` written in
@@ -40,6 +47,8 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import re
@@ -148,6 +157,15 @@ class UfgirBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.check_published_counts = check_published_counts
         super().__init__(**kw)
 
+    @property
+    def options(self) -> dict[str, bool]:
+        """The settings that change what is stored, recorded with the source.
+
+        `check_published_counts` stores nothing different (it passes or stops), so it is not
+        among them; `prepare` checks the counts again when a prepared dataset is reused.
+        """
+        return {"skip_bad_images": self.skip_bad_images}
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
@@ -167,10 +185,12 @@ class UfgirBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = os.fspath(dl_manager.manual_dir)
         lists = read_leaf_lists(manual_dir, self.LEAF)
+        # Taken before any image is read, so a file changed while preparing shows next time.
+        self.info.metadata["source"] = source_record(manual_dir, self.LEAF, lists, self.options)
         num_classes = self._check_lists(lists)
         extract_dir = os.path.join(os.fspath(dl_manager.download_dir), "manual_extracted")
         image_root = find_image_root(manual_dir, self.LEAF, lists["test"][0][0], extract_dir)
-        splits.check_files_exist(image_root, lists)
+        splits.check_files_exist(image_root, lists, skip_broken_links=self.skip_bad_images)
         self.info.metadata["num_classes"] = num_classes
         # The class count of a run is that of its training split (spec 6.3), which for a
         # sub-split may be smaller; these let the loader check that without reading records.
@@ -194,8 +214,8 @@ class UfgirBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         source = records.FileSource(image_root, rows)
         skipped = []
         for index, (path, label) in enumerate(rows):
-            record = source[index]
             try:
+                record = source[index]
                 records.decode_rgb(record)
             except records.BadImageError as err:
                 if not self.skip_bad_images:
@@ -233,7 +253,7 @@ def read_leaf_lists(manual_dir: str, leaf: LeafDataset) -> dict[str, SplitList]:
     Returns:
       Split lists by split name.
     """
-    names = sorted(f[: -len(".csv")] for f in os.listdir(manual_dir) if _SPLIT_FILE.match(f))
+    names = [f[: -len(".csv")] for f in split_file_names(manual_dir)]
     missing = [f"{name}.csv" for name in _REQUIRED_SPLITS if name not in names]
     if missing:
         raise DataError(
@@ -246,6 +266,87 @@ def read_leaf_lists(manual_dir: str, leaf: LeafDataset) -> dict[str, SplitList]:
             logging.info("%s: no %s.csv, carving it from train_val.csv", leaf.title, name)
             lists[name] = splits.resolve_split(name, lists, manual_dir)
     return lists
+
+
+def split_file_names(manual_dir: str) -> list[str]:
+    """The split files of `manual_dir` the builders read, sorted."""
+    return sorted(f for f in os.listdir(manual_dir) if _SPLIT_FILE.match(f))
+
+
+def source_record(
+    manual_dir: str, leaf: LeafDataset, lists: dict[str, SplitList], options: dict[str, bool]
+) -> dict:
+    """What a prepared dataset is made from, cheap to take again: no image is read.
+
+    Args:
+      manual_dir: the manual directory.
+      leaf: which dataset.
+      lists: the split lists read from `manual_dir`.
+      options: the builder's preparation settings.
+
+    Returns:
+      A JSON-able dict: the folder (for messages only), the SHA-256 of every split file, and
+      either the count and a digest of `(path, size, mtime)` of every listed image, or, when
+      the images are only in archives, the archives' sizes and modification times.
+    """
+    split_files = {}
+    for name in split_file_names(manual_dir):
+        with open(os.path.join(manual_dir, name), "rb") as f:
+            split_files[name] = hashlib.sha256(f.read()).hexdigest()
+    listed = sorted({path for rows in lists.values() for path, _ in rows})
+    root = _search_image_root(manual_dir, leaf.image_folder, lists["test"][0][0])
+    if root is None:
+        images = {
+            "archives": {a: _stat(os.path.join(manual_dir, a)) for a in _archives(manual_dir)}
+        }
+    else:
+        digest = hashlib.sha256()
+        for path in listed:
+            digest.update(json.dumps([path, _stat(os.path.join(root, path))]).encode())
+        images = {"count": len(listed), "digest": digest.hexdigest()}
+    return {
+        "dir": os.path.abspath(manual_dir),
+        "split_files": split_files,
+        "images": images,
+        "options": options,
+    }
+
+
+def _stat(path: str) -> list[int] | None:
+    """`[size, mtime_ns]` of a file (following links), None when it cannot be read."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return [status.st_size, status.st_mtime_ns]
+
+
+def source_differences(recorded: dict | None, current: dict) -> list[str]:
+    """How the source a dataset was prepared from differs from the current one (short phrases)."""
+    if recorded is None:
+        return ["it was prepared without a record of its source"]
+    differences = []
+    old_files, new_files = recorded["split_files"], current["split_files"]
+    for what, names in (
+        ("changed", [n for n in new_files if n in old_files and new_files[n] != old_files[n]]),
+        ("added", [n for n in new_files if n not in old_files]),
+        ("removed", [n for n in old_files if n not in new_files]),
+    ):
+        if names:
+            differences.append(f"split files {what}: {', '.join(names)}")
+    old_images, new_images = recorded["images"], current["images"]
+    if old_images != new_images:
+        if "count" in old_images and "count" in new_images:
+            differences.append(
+                f"listed images: {old_images['count']} then, {new_images['count']} now, with "
+                "other sizes or modification times"
+            )
+        else:
+            differences.append("the image files or archives differ")
+    for option, value in current["options"].items():
+        if recorded["options"].get(option) != value:
+            differences.append(f"{option}: {recorded['options'].get(option)} then, {value} now")
+    return differences
 
 
 def check_published_counts(leaf: LeafDataset, lists: dict[str, SplitList]) -> None:
@@ -295,7 +396,7 @@ def find_image_root(manual_dir: str, leaf: LeafDataset, probe: str, extract_dir:
       The image folder.
     """
     root = _search_image_root(manual_dir, leaf.image_folder, probe)
-    archives = sorted(f for f in os.listdir(manual_dir) if f.lower().endswith(_ARCHIVE_SUFFIXES))
+    archives = _archives(manual_dir)
     if root is None and archives:
         target = os.path.join(extract_dir, leaf.name)
         for archive in archives:
@@ -311,13 +412,19 @@ def find_image_root(manual_dir: str, leaf: LeafDataset, probe: str, extract_dir:
     return root
 
 
+def _archives(manual_dir: str) -> list[str]:
+    """Names of the archives in `manual_dir`, sorted."""
+    return sorted(f for f in os.listdir(manual_dir) if f.lower().endswith(_ARCHIVE_SUFFIXES))
+
+
 def _search_image_root(base: str, image_folder: str, probe: str, depth: int = 2) -> str | None:
     """Returns `<d>/<image_folder>` for the shallowest `d` under `base` that holds `probe`."""
     level = [base]
     for _ in range(depth + 1):
         for folder in level:
             candidate = os.path.normpath(os.path.join(folder, image_folder))
-            if os.path.isfile(os.path.join(candidate, probe)):
+            # lexists: a broken link is found here and reported as such by the file check.
+            if os.path.lexists(os.path.join(candidate, probe)):
                 return candidate
         level = [
             e.path for d in level for e in sorted(os.scandir(d), key=lambda e: e.name) if e.is_dir()
@@ -326,18 +433,26 @@ def _search_image_root(base: str, image_folder: str, probe: str, depth: int = 2)
 
 
 def _extract_once(archive: str, target_root: str) -> None:
-    """Extracts `archive` into its own folder under `target_root` unless done before."""
+    """Extracts `archive` into its own folder under `target_root` unless done before.
+
+    The marker holds the archive's size and modification time, so a replaced archive is
+    extracted again.
+    """
     name = os.path.basename(archive)
     target = os.path.join(target_root, name)
     done_marker = os.path.join(target, ".extracted")
+    stamp = json.dumps(_stat(archive))
     if os.path.exists(done_marker):
-        return
+        with open(done_marker) as f:
+            if f.read() == stamp:
+                return
     logging.info("extracting %s to %s", archive, target)
     shutil.rmtree(target, ignore_errors=True)
     os.makedirs(target)
     kwargs = {} if archive.lower().endswith(".zip") else {"filter": "data"}
     shutil.unpack_archive(archive, target, **kwargs)
-    open(done_marker, "w").close()
+    with open(done_marker, "w") as f:
+        f.write(stamp)
 
 
 def load_leaf(
@@ -408,24 +523,88 @@ def prepare(
     skip_bad_images: bool = False,
     check_published_counts: bool = True,
 ) -> UfgirBuilder:
-    """Returns the builder of a leaf dataset, preparing it first when it is not yet prepared."""
+    """Returns the builder of a leaf dataset, prepared from `manual_dir`.
+
+    A dataset prepared before is used when it was made from the same source: the split files'
+    contents, the listed images' sizes and modification times (or the archives') and the
+    preparation settings. Otherwise it is prepared again, beside the old one, which is
+    replaced only once the new one is complete (so a failure leaves the old one as it was).
+    """
     if name not in BUILDERS:
         raise DataError(f"unknown leaf dataset {name!r}; choose one of {sorted(BUILDERS)}.")
-    builder = BUILDERS[name](
-        data_dir=os.path.expanduser(tfds_dir),
-        file_format="array_record",
-        skip_bad_images=skip_bad_images,
-        check_published_counts=check_published_counts,
-    )
-    if not builder.is_prepared():
-        if not manual_dir or not os.path.isdir(manual_dir):
+    tfds_dir = os.path.expanduser(tfds_dir)
+    options = dict(skip_bad_images=skip_bad_images, check_published_counts=check_published_counts)
+    builder = _builder(name, tfds_dir, options)
+    leaf = LEAF_DATASETS[name]
+    if not manual_dir or not os.path.isdir(manual_dir):
+        if builder.is_prepared():
+            recorded = _recorded_source(builder) or {"dir": "an unrecorded folder"}
             raise DataError(
-                f"data.dir = {manual_dir!r} is not a folder and {name} is not prepared in "
-                f"{tfds_dir}.\n{manual_instructions(LEAF_DATASETS[name])}"
+                f"data.dir = {manual_dir!r} is not a folder, so the {name} data prepared in "
+                f"{tfds_dir} (from {recorded['dir']}) cannot be checked against it; set "
+                "data.dir to the folder with the images and split files."
             )
-        config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-        builder.download_and_prepare(download_config=config)
-    return builder
+        raise DataError(
+            f"data.dir = {manual_dir!r} is not a folder and {name} is not prepared in "
+            f"{tfds_dir}.\n{manual_instructions(leaf)}"
+        )
+    if not builder.is_prepared():
+        _download_and_prepare(builder, manual_dir, tfds_dir)
+        return builder
+    lists = read_leaf_lists(manual_dir, leaf)
+    current = source_record(manual_dir, leaf, lists, builder.options)
+    differences = source_differences(_recorded_source(builder), current)
+    if not differences:
+        builder._check_lists(lists)  # e.g. the published counts, if skipped when prepared
+        return builder
+    logging.warning(
+        "%s in %s does not match data.dir = %s (%s); preparing it again",
+        builder.name,
+        tfds_dir,
+        manual_dir,
+        "; ".join(differences),
+    )
+    _prepare_again(name, manual_dir, tfds_dir, options)
+    return _builder(name, tfds_dir, options)
+
+
+def _staging_dir(name: str, tfds_dir: str) -> str:
+    """Where a dataset is prepared again (one preparation at a time, as for the first)."""
+    return os.path.join(tfds_dir, f".ufgir_{name}.staging")
+
+
+def _builder(name: str, tfds_dir: str, options: dict[str, bool]) -> UfgirBuilder:
+    return BUILDERS[name](data_dir=tfds_dir, file_format="array_record", **options)
+
+
+def _recorded_source(builder: UfgirBuilder) -> dict | None:
+    try:
+        return builder.info.metadata["source"]
+    except KeyError:
+        return None
+
+
+def _download_and_prepare(builder: UfgirBuilder, manual_dir: str, tfds_dir: str) -> None:
+    """Prepares `builder`; archives are extracted once under `tfds_dir/downloads`."""
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    builder.download_and_prepare(
+        download_dir=os.path.join(tfds_dir, "downloads"), download_config=config
+    )
+
+
+def _prepare_again(name: str, manual_dir: str, tfds_dir: str, options: dict[str, bool]) -> None:
+    """Prepares the dataset in a staging folder, then swaps it for the prepared one."""
+    staging = _staging_dir(name, tfds_dir)
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed preparation left
+    try:
+        fresh = _builder(name, staging, options)
+        _download_and_prepare(fresh, manual_dir, tfds_dir)
+        final = os.fspath(_builder(name, tfds_dir, options).data_dir)
+        replaced = os.path.join(staging, "replaced")
+        os.rename(final, replaced)
+        os.rename(os.fspath(fresh.data_dir), final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class TfdsSource:
