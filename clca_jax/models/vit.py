@@ -436,6 +436,8 @@ class VisionTransformer(nn.Module):
     def make_reducer(self, method, stage) -> nn.Module:
         """The stage's reduction module, named `reduction_{stage}` (converter relies on it)."""
         kwargs = {"keep_rate": self.reduction.keep_rate} if method is DynamicViT else {}
+        if self.reduction.method == "ats":
+            kwargs = {"distance": self.reduction.ats_distance}
         return method(stage, name=f"reduction_{stage.index}", **kwargs)
 
     @staticmethod
