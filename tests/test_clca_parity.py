@@ -48,6 +48,8 @@ def configs(method, setting, backbone="vit_base_patch16_224"):
     config.clca.num_clr = setting["num_clr"]
     config.clca.include_gap = setting["include_gap"]
     config.clca.recover_at_last = setting["recover_at_last"]
+    # The NumPy reference measures ATS distances exactly (torch.cdist: tests/test_ats_cdist.py).
+    config.reduction.ats_distance = "exact"
     arch = {
         "vit_base_patch16_224": {},
         "deit3_base_patch16_224": dict(no_embed_class=True, layer_scale=True),

@@ -50,6 +50,7 @@ def create_model(
             method=model_config.reduction.method,
             keep_rate=float(model_config.reduction.keep_rate),
             locations=tuple(model_config.reduction.locations),
+            ats_distance=model_config.reduction.ats_distance,
         ),
         clca=ClcaOptions(**model_config.clca.to_dict()),
         dtype=jnp.dtype(model_config.dtype),

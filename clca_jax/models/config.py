@@ -9,6 +9,7 @@ from ml_collections import config_dict
 
 from clca_jax.models import registry
 from clca_jax.models.reduction import METHODS, NO_REDUCTION, get_method
+from clca_jax.models.reduction.ats import DISTANCES as ATS_DISTANCES
 
 NO_HEAD = "none"
 CLCA_HEADS = (NO_HEAD, "cla", "ifa")
@@ -35,7 +36,12 @@ def default_model_config() -> ml_collections.ConfigDict:
             "embed_dim": config_dict.placeholder(int),
             "depth": config_dict.placeholder(int),
             "num_heads": config_dict.placeholder(int),
-            "reduction": {"method": NO_REDUCTION, "keep_rate": 1.0, "locations": (3, 6, 9)},
+            "reduction": {
+                "method": NO_REDUCTION,
+                "keep_rate": 1.0,
+                "locations": (3, 6, 9),
+                "ats_distance": "torch_cdist",
+            },
             "clca": {
                 "head": NO_HEAD,
                 "clc": False,
@@ -118,6 +124,11 @@ def _validate_reduction(reduction: ml_collections.ConfigDict, depth: int, clca_u
         raise ValueError(f"model.reduction.keep_rate must be a number, got {keep_rate!r}.")
     if not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"model.reduction.keep_rate must be in (0, 1], got {keep_rate}.")
+    if reduction.ats_distance not in ATS_DISTANCES:
+        raise ValueError(
+            f"model.reduction.ats_distance must be one of {', '.join(ATS_DISTANCES)}; "
+            f"got {reduction.ats_distance!r}."
+        )
     locations = tuple(reduction.locations)
     if not all(isinstance(loc, int) and not isinstance(loc, bool) for loc in locations):
         raise ValueError(f"model.reduction.locations must be integers, got {locations!r}.")

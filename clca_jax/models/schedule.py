@@ -35,6 +35,7 @@ class ReductionOptions:
     method: str = NO_REDUCTION
     keep_rate: float = 1.0
     locations: tuple[int, ...] = (3, 6, 9)
+    ats_distance: str = "torch_cdist"
 
 
 @dataclasses.dataclass(frozen=True)
