@@ -18,6 +18,7 @@ from clca_jax.convert.timm import (
     openclip_to_timm,
 )
 from clca_jax.models import default_model_config, get_backbone
+from clca_jax.models.config import NO_HEAD
 from clca_jax.pretrained import check_output_dir, save_pretrained
 
 
@@ -93,7 +94,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 def checkpoint_classes(state: dict, head: str) -> int | None:
     """Classes of the checkpoint's classifier for the model's head, if it has one."""
-    key = "head.weight" if head == "none" else "ifa_head.0.4.weight"
+    key = "head.weight" if head == NO_HEAD else "ifa_head.0.4.weight"
     return int(state[key].shape[0]) if key in state else None
 
 

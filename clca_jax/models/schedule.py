@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from clca_jax.models.config import NO_HEAD
 from clca_jax.models.reduction import NO_REDUCTION, get_method
 from clca_jax.models.reduction.base import PlanContext, Stage
 
@@ -18,7 +19,7 @@ from clca_jax.models.reduction.base import PlanContext, Stage
 class ClcaOptions:
     """The CLCA fields that shape the token sequence (see `model.clca` in the config)."""
 
-    head: str = "none"
+    head: str = NO_HEAD
     clc: bool = False
     num_clr: int = 0
     include_gap: bool = True
@@ -181,7 +182,7 @@ def build_schedule(
                 recovered=recovered,
                 cached=cached,
                 pool_end=pool_end,
-                collect_cls=clca.head != "none" and index in cls_locations,
+                collect_cls=clca.head != NO_HEAD and index in cls_locations,
             )
         )
     return TokenSchedule(tuple(blocks), num_patches, recovery, pool_start, clca.include_gap)
