@@ -140,7 +140,7 @@ def test_protected_suffix_passes_reduction_untouched(method):
     module_type = METHODS_BY_NAME[method]
     length, protected, width = 30, 3, 16
     context = PlanContext(
-        stage=0, num_stages=2, keep_rate=0.3, num_patches=26, num_registers=1,
+        stage=0, num_stages=2, keep_rate=0.3, num_patches=26, num_clr=1,
         tokens_in=length, protected=protected, train=False, clc=True,
     )  # fmt: skip
     stage = Stage(0, 0, module_type.plan(context), length, protected)

@@ -7,7 +7,7 @@ the same way:
 * the position embedding of another patch grid is resampled with PyTorch's bicubic kernel
   (`resample.py`); CLR rows the checkpoint lacks are drawn from N(0, CLR_POS_STD^2);
 * CLR tokens the checkpoint lacks become copies of its class token
-  (`models.clca.registers_from_class_token`, as the model initialises them).
+  (`models.clca.clr_from_class_token`, as the model initialises them).
 
 Both account for every entry in one `Report`.
 """
@@ -68,37 +68,37 @@ def adapt_pos_embed(
     *,
     grid: int,
     num_prefix: int,
-    source_registers: int,
-    target_registers: int,
+    source_clr: int,
+    target_clr: int,
     antialias: bool,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, list[str]]:
     """A checkpoint's position embedding fitted to a model's grid and CLR count.
 
     Args:
-      value: [1, num_prefix + side^2 + source_registers, D].
+      value: [1, num_prefix + side^2 + source_clr, D].
       grid: patches per side of the model.
       num_prefix: class-token rows (0 with `no_embed_class`).
-      source_registers: CLR rows at the end of `value`.
-      target_registers: CLR rows the model needs.
+      source_clr: CLR rows at the end of `value`.
+      target_clr: CLR rows the model needs.
       antialias: PyTorch's antialiased kernel (timm route) or not (OpenCLIP route).
       rng: draws the rows of new CLR tokens.
 
     Returns:
-      The embedding [1, num_prefix + grid^2 + target_registers, D] (float32) and what was
+      The embedding [1, num_prefix + grid^2 + target_clr, D] (float32) and what was
       done, one phrase per change (empty when nothing changed).
 
     Raises:
       ValueError: the rows are not prefix + a square grid + CLR rows.
     """
-    table = value[:, : value.shape[1] - source_registers]
-    register_rows = value[:, value.shape[1] - source_registers :]
+    table = value[:, : value.shape[1] - source_clr]
+    clr_rows = value[:, value.shape[1] - source_clr :]
     patches = table.shape[1] - num_prefix
     side = math.isqrt(max(patches, 0))
-    if patches < 1 or side * side != patches or target_registers < 0:
+    if patches < 1 or side * side != patches or target_clr < 0:
         raise ValueError(
             f"pos_embed has shape {tuple(value.shape)}, which is not {num_prefix} class-token "
-            f"row(s) + a square grid + {source_registers} CLR row(s); the checkpoint is of "
+            f"row(s) + a square grid + {source_clr} CLR row(s); the checkpoint is of "
             "another architecture (check the backbone name and the size overrides)."
         )
     resampled = resample_pos_embed(table, (grid, grid), num_prefix, antialias)
@@ -106,13 +106,13 @@ def adapt_pos_embed(
     if side != grid:
         kernel = "antialiased a=-0.5" if antialias else "non-antialiased a=-0.75"
         how.append(f"{side}x{side} -> {grid}x{grid} grid, bicubic {kernel}")
-    if target_registers == source_registers:
-        rows = register_rows
-    elif target_registers == 0:
-        rows = register_rows[:, :0]
-        how.append(f"{source_registers} CLR rows dropped (the model has no CLR tokens)")
+    if target_clr == source_clr:
+        rows = clr_rows
+    elif target_clr == 0:
+        rows = clr_rows[:, :0]
+        how.append(f"{source_clr} CLR rows dropped (the model has no CLR tokens)")
     else:
         width = value.shape[2]
-        rows = rng.normal(0.0, CLR_POS_STD, (1, target_registers, width))
-        how.append(f"{target_registers} CLR rows drawn from N(0, {CLR_POS_STD}^2)")
+        rows = rng.normal(0.0, CLR_POS_STD, (1, target_clr, width))
+        how.append(f"{target_clr} CLR rows drawn from N(0, {CLR_POS_STD}^2)")
     return np.concatenate([resampled, rows.astype(np.float32)], axis=1), how

@@ -20,7 +20,7 @@ import numpy as np
 
 from clca_jax.convert.adapt import Report, adapt_pos_embed
 from clca_jax.models import VisionTransformer, create_model
-from clca_jax.models.clca import registers_from_class_token
+from clca_jax.models.clca import clr_from_class_token
 from clca_jax.models.config import NO_HEAD
 from clca_jax.models.reduction import Method, NoReduction
 from clca_jax.models.registry import Backbone
@@ -342,7 +342,7 @@ def convert_state_dict(
     dummy = model.example_images()
     converter = _Converter(
         model=model,
-        stored_registers=state["clr"].shape[1] if "clr" in state else 0,
+        stored_clr=state["clr"].shape[1] if "clr" in state else 0,
         remaining=dict(state),
         antialias=antialias,
         rng=np.random.default_rng(seed),
@@ -380,7 +380,7 @@ class _Converter:
     """Takes model leaves one by one out of `remaining` (the checkpoint keys not yet used)."""
 
     model: VisionTransformer
-    stored_registers: int
+    stored_clr: int
     remaining: dict[str, np.ndarray]
     antialias: bool
     rng: np.random.Generator
@@ -399,7 +399,7 @@ class _Converter:
             self.cls_token = self.remaining["cls_token"]
         return self.cls_token
 
-    def _registers(self, key: str, init_value) -> np.ndarray:
+    def _clr(self, key: str, init_value) -> np.ndarray:
         """CLR tokens of a CLCA checkpoint; a different count is re-created from CLS."""
         value = self.remaining.pop(key)
         if value.shape == init_value.shape:
@@ -407,7 +407,7 @@ class _Converter:
             return value
         self.report.drop(key, f"{value.shape[1]} CLR tokens, the model has {init_value.shape[1]}")
         self.report.fresh[key] = "CLR tokens initialised as copies of the class token"
-        return registers_from_class_token(self._cls_token(), init_value.shape[1])
+        return clr_from_class_token(self._cls_token(), init_value.shape[1])
 
     def take(self, key: str, names: tuple[str, ...], init_value) -> np.ndarray:
         """The checkpoint value for one model leaf (mapped, resampled or fresh).
@@ -421,10 +421,10 @@ class _Converter:
         if key.startswith(("head.", "ifa_head.0.4.")):
             return self._head(key, names, init_value)
         if key == "clr" and key in self.remaining:
-            return self._registers(key, init_value)
+            return self._clr(key, init_value)
         if key == "clr":
             self.report.fresh[key] = "CLR tokens initialised as copies of the class token"
-            return registers_from_class_token(self._cls_token(), expected[1])
+            return clr_from_class_token(self._cls_token(), expected[1])
         if key not in self.remaining:
             raise ConversionError(
                 f"Checkpoint has no {key!r} (shape {expected}), which the model needs."
@@ -464,8 +464,8 @@ class _Converter:
                 value,
                 grid=self.model.grid,
                 num_prefix=num_prefix,
-                source_registers=0 if no_embed_class else self.stored_registers,
-                target_registers=expected[1] - num_prefix - self.model.num_patches,
+                source_clr=0 if no_embed_class else self.stored_clr,
+                target_clr=expected[1] - num_prefix - self.model.num_patches,
                 antialias=self.antialias,
                 rng=self.rng,
             )

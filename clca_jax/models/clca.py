@@ -140,7 +140,7 @@ def cache_entry(tokens: Tokens, start: int, end: int, include_gap: bool, num_clr
     return jnp.concatenate(parts, axis=1)
 
 
-def registers_from_class_token(cls_token, count: int):
+def clr_from_class_token(cls_token, count: int):
     """CLCA's initial CLR tokens: `count` copies of the class token, [1, count, D] (NumPy or
     JAX, as given). Used by the model's initialiser, the converter and warm start."""
     return cls_token.repeat(count, axis=1)

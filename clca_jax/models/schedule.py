@@ -149,7 +149,7 @@ def build_schedule(
                 num_stages=len(locations),
                 keep_rate=float(reduction.keep_rate),
                 num_patches=num_patches,
-                num_registers=num_clr,
+                num_clr=num_clr,
                 tokens_in=length,
                 protected=protected,
                 train=train,

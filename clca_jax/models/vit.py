@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from clca_jax.models.activations import gelu
-from clca_jax.models.clca import CLAHead, IFAHead, cache_entry, registers_from_class_token
+from clca_jax.models.clca import CLAHead, IFAHead, cache_entry, clr_from_class_token
 from clca_jax.models.config import NO_HEAD
 from clca_jax.models.initializers import (
     torch_linear_bias_init,
@@ -366,7 +366,7 @@ class VisionTransformer(nn.Module):
         return jax.eval_shape(self.init, jax.random.key(0), self.example_images())
 
     @property
-    def num_registers(self) -> int:
+    def num_clr(self) -> int:
         return self.clca.num_clr
 
     def token_schedule(self, train: bool = False) -> TokenSchedule:
@@ -468,10 +468,10 @@ class VisionTransformer(nn.Module):
         )(features).astype(jnp.float32)
 
     def embed(self, images: jax.Array) -> jax.Array:
-        """Patch embedding, class token, register tokens and position embedding.
+        """Patch embedding, class token, CLR tokens and position embedding.
 
         With `no_embed_class` (DeiT-3) the position embedding covers the patches only;
-        otherwise it covers the whole sequence, registers included.
+        otherwise it covers the whole sequence, CLR tokens included.
         """
         arch = self.backbone
         width = arch.embed_dim
@@ -487,19 +487,19 @@ class VisionTransformer(nn.Module):
         cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, width))
         prefix = [jnp.broadcast_to(cls_token, (batch, 1, width))]
         suffix = []
-        if self.num_registers:
-            # CLCA initialises its register tokens as copies of the class token.
-            registers = self.param(
+        if self.num_clr:
+            # CLCA initialises its CLR tokens as copies of the class token.
+            clr = self.param(
                 "clr",
-                lambda _, shape: registers_from_class_token(cls_token, shape[1]),
-                (1, self.num_registers, width),
+                lambda _, shape: clr_from_class_token(cls_token, shape[1]),
+                (1, self.num_clr, width),
             )
-            suffix = [jnp.broadcast_to(registers, (batch, self.num_registers, width))]
+            suffix = [jnp.broadcast_to(clr, (batch, self.num_clr, width))]
         if arch.no_embed_class:
             pos_embed = self.param("pos_embed", trunc_normal, (1, self.num_patches, width))
             x = jnp.concatenate(prefix + [x + pos_embed] + suffix, axis=1)
         else:
-            length = 1 + self.num_patches + self.num_registers
+            length = 1 + self.num_patches + self.num_clr
             pos_embed = self.param("pos_embed", trunc_normal, (1, length, width))
             x = jnp.concatenate(prefix + [x] + suffix, axis=1) + pos_embed
         if arch.pre_norm:

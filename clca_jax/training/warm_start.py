@@ -20,7 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from clca_jax.convert.adapt import Report, adapt_pos_embed
-from clca_jax.models.clca import registers_from_class_token
+from clca_jax.models.clca import clr_from_class_token
 
 
 def warm_start(
@@ -65,7 +65,7 @@ def _take(key, fresh, source, report, grid, no_embed_class, rng):
         return value
     if key == "params/clr" and value is None and "params/cls_token" in source:
         report.adapted[key] = f"{shape[1]} copies of the checkpoint's cls_token"
-        return registers_from_class_token(source["params/cls_token"], shape[1])
+        return clr_from_class_token(source["params/cls_token"], shape[1])
     if value is None:
         report.fresh[key] = "not in the checkpoint"
         return fresh
@@ -85,14 +85,14 @@ def _pos_embed(value, shape, source, report, grid, no_embed_class, rng):
     """The checkpoint's embedding on the model's grid, with the model's CLR rows."""
     num_prefix = 0 if no_embed_class else 1
     clr = source.get("params/clr")
-    source_registers = 0 if no_embed_class or clr is None else clr.shape[1]
+    source_clr = 0 if no_embed_class or clr is None else clr.shape[1]
     try:
         adapted, how = adapt_pos_embed(
             value,
             grid=grid,
             num_prefix=num_prefix,
-            source_registers=source_registers,
-            target_registers=shape[1] - num_prefix - grid * grid,
+            source_clr=source_clr,
+            target_clr=shape[1] - num_prefix - grid * grid,
             antialias=True,
             rng=rng,
         )

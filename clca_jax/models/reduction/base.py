@@ -33,7 +33,7 @@ class PlanContext:
       num_stages: number of reduction locations.
       keep_rate: the configured keep rate.
       num_patches: patch tokens P of the image.
-      num_registers: CLR tokens.
+      num_clr: CLR tokens.
       tokens_in: current sequence length (CLS included).
       protected: trailing tokens the method must leave alone.
       train: training mode (DynamicViT keeps every token while training).
@@ -44,7 +44,7 @@ class PlanContext:
     num_stages: int
     keep_rate: float
     num_patches: int
-    num_registers: int
+    num_clr: int
     tokens_in: int
     protected: int
     train: bool

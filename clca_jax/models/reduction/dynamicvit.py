@@ -34,7 +34,7 @@ from clca_jax.models.reduction.base import (
 def eval_keep_count(context: PlanContext) -> int:
     if context.clc:
         return int((context.candidates - 1) * context.keep_rate)
-    initial = context.num_patches + (0 if context.protected else context.num_registers)
+    initial = context.num_patches + (0 if context.protected else context.num_clr)
     return int(initial * context.compounded())
 
 
