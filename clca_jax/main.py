@@ -7,8 +7,9 @@
 Every config field can be set on the command line (`--config.FIELD=VALUE`); a field the config
 does not have is an error. Rerunning with the same workdir resumes from its latest checkpoint.
 
-On SIGTERM (a preemption notice) the run saves a checkpoint at the next step and exits with
-status 0 (`PREEMPTED_EXIT_CODE`); rerun the same command to continue.
+On SIGTERM (a preemption notice) the run stops at the next safe point (during training: after
+saving the next step) and exits with status 0 (`PREEMPTED_EXIT_CODE`); rerun the same command
+to continue.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ acted on through the loop's `train.LoopEvents` hooks:
 * `step:N`: SIGKILL right after train step N;
 * `save:N`: SIGKILL right after the save of step N has started (orbax writes it in the
   background);
-* `term:N`: SIGTERM after train step N (a preemption notice).
+* `term:N`: SIGTERM after train step N (a preemption notice);
+* `term:start`: SIGTERM once start-up is done, before the first step;
+* `term:eval`: SIGTERM before the final evaluation.
 
 Without the variable the command is `clca_jax.main` itself.
 """
@@ -36,6 +38,14 @@ class KillAt(train.LoopEvents):
     def after_save(self, step: int) -> None:
         if self.point == f"save:{step}":
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def before_loop(self, step: int) -> None:
+        if self.point == "term:start":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def before_final_evaluation(self, step: int) -> None:
+        if self.point == "term:eval":
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -127,9 +127,8 @@ class Checkpoints:
         instead = (
             f"to resume from step {max(earlier)}" if earlier else "to start this run from scratch"
         )
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return (
-            f"cannot restore checkpoint {folder}: {type(error).__name__}: {reason[:300]}. Its "
+            f"cannot restore checkpoint {folder}: {_first_line(error)}. Its "
             "files are damaged or belong to another model. Nothing was changed; delete that "
             f"folder {instead}, or use a new --workdir."
         )
@@ -156,10 +155,16 @@ class Checkpoints:
                 f"{os.path.join(self.workdir, BEST_DIR)} holds no checkpoint; the run has not "
                 "been evaluated yet. Use the latest checkpoint instead."
             )
-        restored = self._best.restore(
-            step,
-            args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables)),
-        )
+        args = ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables))
+        try:
+            restored = self._best.restore(step, args=args)
+        except Exception as error:  # orbax raises assorted types for damaged or foreign files
+            folder = os.path.join(self.workdir, BEST_DIR, str(step))
+            raise ValueError(
+                f"cannot restore the best checkpoint {folder}: {_first_line(error)}. Its files "
+                "are damaged or belong to another model; nothing was changed. Evaluate the "
+                "latest checkpoint instead (--checkpoint=latest)."
+            ) from error
         return restored["variables"]
 
     def wait(self) -> None:
@@ -173,6 +178,12 @@ class Checkpoints:
         self._latest.close()
         if self._best is not None:
             self._best.close()
+
+
+def _first_line(error: Exception) -> str:
+    """`Type: first line of the message` (orbax's messages can be pages of tensorstore JSON)."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {reason[:300]}" if reason else type(error).__name__
 
 
 def check_writable(workdir: str) -> None:
