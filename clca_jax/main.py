@@ -14,13 +14,16 @@ to continue.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clca_jax import train
+from clca_jax.training.checkpoint import CheckpointWriteError
 from clca_jax.training.config import parse_flags
+from clca_jax.training.workdirs import WorkdirBusyError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/demo.py.", lock_config=True
@@ -39,6 +42,12 @@ def main(argv, events: train.LoopEvents | None = None):
     except train.Preempted as preempted:
         logging.warning("%s", preempted)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except (CheckpointWriteError, WorkdirBusyError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        # A failed save leaves orbax's background writes unfinished; ending here skips the
+        # interpreter's teardown, which would print each of them as an ignored exception.
+        logging.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

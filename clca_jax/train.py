@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -386,6 +387,7 @@ def train_loop(run: Run, state: TrainState, mesh) -> TrainState:
         running = metrics_lib.merge(running, step_metrics)
         done = step + 1
         run.events.after_step(done)
+        run.checkpoints.check_saves()  # stop at the first failed save, not at the next one
         if done % config.train.log_every_steps == 0 or done == run.total_steps:
             check_finite(run, running)
             report_train(run, progress, done, loader.steps_per_epoch, running)
@@ -558,7 +560,11 @@ def _train_and_evaluate(config, model, workdir, preemption, events) -> dict:
         except evaluation.EvaluationStopped:
             raise Preempted(total_steps, workdir) from None
     finally:
-        checkpoints.close()
+        try:
+            checkpoints.close()
+        except checkpoint.CheckpointWriteError:
+            if sys.exc_info()[0] is None:  # else the error in flight is the one to report
+                raise
         if writer is not None:
             writer.close()
     summary = evaluation.make_summary(

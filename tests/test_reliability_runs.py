@@ -155,3 +155,42 @@ def test_sigterm_during_start_up_or_the_final_evaluation_stops_cleanly(finished,
     assert code == 0, output[-3000:]
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f)["steps"] == 9
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB file system, nearly full: the first checkpoint does not fit."""
+    if os.geteuid() != 0:
+        pytest.skip(
+            "mounting a small tmpfs needs root (CI and the development machines run as root)"
+        )
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    try:
+        with open(mount / "filler", "wb") as f:
+            f.write(b"\0" * (4 * 2**20 - 300 * 2**10))
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_the_run_with_one_message(finished, tmp_path, small_disk):
+    _, data_dir, _ = finished
+    config_path = write_cli_config(str(tmp_path / "cli.py"), data_dir)
+    workdir = str(small_disk / "run")
+    done = subprocess.run(
+        [sys.executable, "-m", "clca_jax.main", f"--config={config_path}", f"--workdir={workdir}"],
+        cwd=REPO,
+        env=cli_env(str(tmp_path / "jax_cache")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if not line.startswith(("I1", "W1"))]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith("error: cannot save checkpoint 2 in ")
+    assert "No space left on device" in errors[0] or "RESOURCE_EXHAUSTED" in errors[0]
+    assert "none was saved before" in errors[0] and "rerun the same command" in errors[0]
+    assert not os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # never half-used

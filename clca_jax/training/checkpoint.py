@@ -19,11 +19,18 @@ restore picks up; opening the folders (not read-only) deletes such leftovers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); earlier complete
+    checkpoints are intact."""
+
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -51,6 +58,7 @@ class Checkpoints:
             os.path.join(self.workdir, LATEST_DIR),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **access),
         )
+        self._saving = None  # the step of the latest save started
         self._best = None
         if keep_best:
             self._best = ocp.CheckpointManager(
@@ -65,15 +73,43 @@ class Checkpoints:
         return self._latest.latest_step()
 
     def save(self, step: int, state, loader_state: dict) -> None:
-        """Saves the train state and the input position (asynchronously; skip if present)."""
+        """Saves the train state and the input position (asynchronously; skip if present).
+
+        Raises:
+          CheckpointWriteError: this save, or an earlier one still in flight, failed.
+        """
         if step in self._latest.all_steps():
             return
-        self._latest.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader_state)
-            ),
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader_state)
         )
+        # orbax first waits for the save in flight: an error here is most likely that one's.
+        with self._writing(self._saving if self._saving is not None else step):
+            self._latest.save(step, args=args)
+        self._saving = step
+
+    def check_saves(self) -> None:
+        """Raises `CheckpointWriteError` if a background save has failed (does not wait)."""
+        if self._saving is not None:
+            with self._writing(self._saving):
+                self._latest.check_for_errors()
+
+    @contextlib.contextmanager
+    def _writing(self, step: int):
+        """Turns orbax's errors while writing step `step` into one `CheckpointWriteError`."""
+        try:
+            yield
+        except Exception as error:  # orbax and tensorstore raise assorted types
+            if isinstance(error, CheckpointWriteError):
+                raise
+            complete = [s for s in self._latest.all_steps() if s != step]
+            kept = f"checkpoint {max(complete)} is intact" if complete else "none was saved before"
+            folder = os.path.join(self.workdir, LATEST_DIR)
+            raise CheckpointWriteError(
+                f"cannot save checkpoint {step} in {folder}: {_first_line(error)}. Training "
+                f"stopped at the first failed save; {kept}. Free space (or fix the folder) and "
+                "rerun the same command to continue."
+            ) from error
 
     def restore(self, abstract_state, step: int | None = None):
         """The train state and loader state at `step` (default: the latest).
@@ -168,16 +204,30 @@ class Checkpoints:
         return restored["variables"]
 
     def wait(self) -> None:
-        """Blocks until pending saves are on disk."""
-        self._latest.wait_until_finished()
+        """Blocks until pending saves are on disk.
+
+        Raises:
+          CheckpointWriteError: a pending save failed.
+        """
+        with self._writing(self._saving if self._saving is not None else -1):
+            self._latest.wait_until_finished()
         if self._best is not None:
             self._best.wait_until_finished()
 
     def close(self) -> None:
-        self.wait()
-        self._latest.close()
-        if self._best is not None:
-            self._best.close()
+        """Waits for pending saves and closes the folders (also when a save failed).
+
+        Raises:
+          CheckpointWriteError: a pending save failed.
+        """
+        try:
+            self.wait()
+        finally:
+            self._saving = None
+            with contextlib.suppress(Exception):  # a failed save has been reported already
+                self._latest.close()
+                if self._best is not None:
+                    self._best.close()
 
 
 def _first_line(error: Exception) -> str:
