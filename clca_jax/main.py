@@ -9,7 +9,8 @@ does not have is an error. Rerunning with the same workdir resumes from its late
 
 On SIGTERM (a preemption notice) the run stops at the next safe point (during training: after
 saving the next step) and exits with status 0 (`PREEMPTED_EXIT_CODE`); rerun the same command
-to continue.
+to continue. A bad config, data or workdir, a damaged checkpoint or a full disk ends the run
+with one `error: ...` line and status 2 (`--debug` shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clca_jax import train
-from clca_jax.training.checkpoint import CheckpointWriteError
 from clca_jax.training.config import parse_flags
 from clca_jax.training.workdirs import WorkdirBusyError
 
@@ -30,7 +30,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
 flags.mark_flags_as_required(["config", "workdir"])
+_DEBUG = flags.DEFINE_bool(
+    "debug", False, "Show the traceback of a configuration, data, workdir or disk error."
+)
 PREEMPTED_EXIT_CODE = 0
+USER_ERROR_EXIT_CODE = 2  # a bad config, data or workdir, or a full disk: one `error:` line
 
 
 def main(argv, events: train.LoopEvents | None = None):
@@ -42,13 +46,15 @@ def main(argv, events: train.LoopEvents | None = None):
     except train.Preempted as preempted:
         logging.warning("%s", preempted)
         sys.exit(PREEMPTED_EXIT_CODE)
-    except (CheckpointWriteError, WorkdirBusyError) as error:
+    except (ValueError, OSError, WorkdirBusyError) as error:
+        if _DEBUG.value:
+            raise
         print(f"error: {error}", file=sys.stderr, flush=True)
-        # A failed save leaves orbax's background writes unfinished; ending here skips the
-        # interpreter's teardown, which would print each of them as an ignored exception.
         logging.flush()
-        os._exit(1)
-
+        # A failed save or restore leaves orbax's background reads or writes unfinished;
+        # ending here skips the interpreter's teardown, which would print each of them as an
+        # ignored exception and bury the line above.
+        os._exit(USER_ERROR_EXIT_CODE)
 
 if __name__ == "__main__":
     app.run(main, flags_parser=parse_flags)

@@ -560,11 +560,10 @@ def _train_and_evaluate(config, model, workdir, preemption, events) -> dict:
         except evaluation.EvaluationStopped:
             raise Preempted(total_steps, workdir) from None
     finally:
-        try:
+        # After a failed save, closing would wait on orbax's broken background writes (and
+        # report them again); the process is about to end with the one error line.
+        if not isinstance(sys.exc_info()[1], checkpoint.CheckpointWriteError):
             checkpoints.close()
-        except checkpoint.CheckpointWriteError:
-            if sys.exc_info()[0] is None:  # else the error in flight is the one to report
-                raise
         if writer is not None:
             writer.close()
     summary = evaluation.make_summary(

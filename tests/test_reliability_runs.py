@@ -187,10 +187,39 @@ def test_a_full_disk_stops_the_run_with_one_message(finished, tmp_path, small_di
         text=True,
         timeout=600,
     )
-    assert done.returncode == 1, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if not line.startswith(("I1", "W1"))]
-    assert len(errors) == 1, done.stderr[-3000:]
+    assert done.returncode == 2, done.stderr[-3000:]
+    # The run's last word is one line. (Before it, orbax's writer threads may print "Event loop
+    # is closed" tracebacks of their own while the failing save unwinds; they are not ours.)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and done.stderr.rstrip().endswith(errors[0]), done.stderr[-3000:]
     assert errors[0].startswith("error: cannot save checkpoint 2 in ")
     assert "No space left on device" in errors[0] or "RESOURCE_EXHAUSTED" in errors[0]
     assert "none was saved before" in errors[0] and "rerun the same command" in errors[0]
     assert not os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # never half-used
+
+
+def test_a_damaged_latest_checkpoint_is_one_error_line(finished, tmp_path):
+    _, data_dir, finished_dir = finished
+    workdir = copy_of(finished_dir, tmp_path)
+    state_files = []
+    for folder, _, names in os.walk(os.path.join(workdir, "checkpoints", "3", "state")):
+        state_files += [os.path.join(folder, name) for name in names]
+    with open(max(state_files, key=os.path.getsize), "r+b") as f:
+        f.truncate(50)
+    config_path = write_cli_config(str(tmp_path / "cli.py"), data_dir)
+    before = snapshot(workdir)
+    done = subprocess.run(
+        [sys.executable, "-m", "clca_jax.main", f"--config={config_path}", f"--workdir={workdir}"],
+        cwd=REPO,
+        env=cli_env(str(tmp_path / "jax_cache")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if not line.startswith(("I1", "W1"))]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert (
+        errors[0].startswith("error: cannot restore checkpoint ") and "checkpoints/3" in errors[0]
+    )
+    assert snapshot(workdir) == before
