@@ -56,5 +56,6 @@ def main(argv, events: train.LoopEvents | None = None):
         # ignored exception and bury the line above.
         os._exit(USER_ERROR_EXIT_CODE)
 
+
 if __name__ == "__main__":
     app.run(main, flags_parser=parse_flags)
