@@ -15,15 +15,13 @@ with one `error: ...` line and status 2 (`--debug` shows the traceback instead).
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clca_jax import train
+from clca_jax import train, user_errors
 from clca_jax.training.config import parse_flags
-from clca_jax.training.workdirs import WorkdirBusyError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/demo.py.", lock_config=True
@@ -34,7 +32,6 @@ _DEBUG = flags.DEFINE_bool(
     "debug", False, "Show the traceback of a configuration, data, workdir or disk error."
 )
 PREEMPTED_EXIT_CODE = 0
-USER_ERROR_EXIT_CODE = 2  # a bad config, data or workdir, or a full disk: one `error:` line
 
 
 def main(argv, events: train.LoopEvents | None = None):
@@ -42,19 +39,11 @@ def main(argv, events: train.LoopEvents | None = None):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, events=events)
+        with user_errors.reported(_DEBUG.value):
+            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, events=events)
     except train.Preempted as preempted:
         logging.warning("%s", preempted)
         sys.exit(PREEMPTED_EXIT_CODE)
-    except (ValueError, OSError, WorkdirBusyError) as error:
-        if _DEBUG.value:
-            raise
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        logging.flush()
-        # A failed save or restore leaves orbax's background reads or writes unfinished;
-        # ending here skips the interpreter's teardown, which would print each of them as an
-        # ignored exception and bury the line above.
-        os._exit(USER_ERROR_EXIT_CODE)
 
 
 if __name__ == "__main__":

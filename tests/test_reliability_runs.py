@@ -92,6 +92,17 @@ def test_a_damaged_best_checkpoint_is_named(finished, tmp_path):
         f.truncate(os.path.getsize(largest) // 2)
     with pytest.raises(ValueError, match=r"cannot restore the best checkpoint .*best/3: .*latest"):
         evaluate.evaluate_directory(workdir, which="best")
+    done = subprocess.run(
+        [sys.executable, "-m", "clca_jax.evaluate", f"--workdir={workdir}", "--checkpoint=best"],
+        cwd=REPO,
+        env=cli_env(str(tmp_path / "jax_cache")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    errors = [line for line in done.stderr.splitlines() if not line.startswith(("I1", "W1"))]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith("error: cannot restore the best checkpoint ")
 
 
 def test_a_second_run_on_a_workdir_in_use_stops_naming_the_holder(finished, tmp_path):
