@@ -21,7 +21,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clca_jax import data, pretrained, user_errors
+from clca_jax import commands, data, pretrained, user_errors
 from clca_jax.training import checkpoint, evaluation, sharding, workdirs
 from clca_jax.training import metrics as metrics_lib
 from clca_jax.training.config import parse_flags, validate_config
@@ -174,4 +174,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    commands.run(main, flags_parser=parse_flags)

@@ -178,12 +178,14 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from clca_jax import commands
 
     config_flags.DEFINE_config_file("config", None, "Config file (its `model` section is used).")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.DEFINE_bool("skip_xla", False, "Do not compile the model for XLA's count.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    commands.run(main)
     sys.exit(0)

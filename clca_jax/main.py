@@ -20,7 +20,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clca_jax import train, user_errors
+from clca_jax import commands, train, user_errors
 from clca_jax.training.config import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -47,4 +47,4 @@ def main(argv, events: train.LoopEvents | None = None):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    commands.run(main, flags_parser=parse_flags)

@@ -51,11 +51,10 @@ class KillAt(train.LoopEvents):
 if __name__ == "__main__":
     # Imported here: `clca_jax.main` defines the command's flags, which the tests importing
     # this module for `KILL_AT_ENV` must not get.
-    from absl import app
-
+    from clca_jax import commands
     from clca_jax import main as clca_main
     from clca_jax.training.config import parse_flags
 
     point = os.environ.get(KILL_AT_ENV, "")
     events = KillAt(point) if point else None
-    app.run(functools.partial(clca_main.main, events=events), flags_parser=parse_flags)
+    commands.run(functools.partial(clca_main.main, events=events), flags_parser=parse_flags)

@@ -30,6 +30,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from clca_jax import commands
+
 # The configs import each other as `configs.*`, from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -391,4 +393,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    commands.run(main)

@@ -38,13 +38,12 @@ Storage choices, all checked with tensorflow-datasets 4.9.10 and TensorFlow not 
 * The label is a plain int64 scalar and the class count lives in the dataset's metadata, since
   the count is only known once the CSV files are read.
 
-Preparing on a pod: run `python -m clca_jax.data.ufgir --dataset=soygene --manual_dir=DIR
+Preparing on a pod: run `python -m clca_jax.data.prepare --dataset=soygene --manual_dir=DIR
 --tfds_dir=DIR` once before training, so that hosts do not prepare concurrently.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import hashlib
@@ -628,27 +627,3 @@ class TfdsSource:
         example = self._data[index]
         name = f"{self._name}/{self.split}: {example['file'].decode()}"
         return records.ImageRecord(example["image"], int(example["label"]), name)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: prepare one leaf dataset (run once before a multi-host job)."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--dataset", required=True, choices=sorted(LEAF_DATASETS))
-    parser.add_argument("--manual_dir", required=True, help="folder with images and CSV files")
-    parser.add_argument("--tfds_dir", default="~/tensorflow_datasets")
-    parser.add_argument("--skip_bad_images", action="store_true")
-    parser.add_argument("--no_check_published_counts", action="store_true")
-    args = parser.parse_args(argv)
-    builder = prepare(
-        args.dataset,
-        args.manual_dir,
-        args.tfds_dir,
-        args.skip_bad_images,
-        not args.no_check_published_counts,
-    )
-    for split, info in sorted(builder.info.splits.items()):
-        print(f"{split}: {info.num_examples} examples")
-
-
-if __name__ == "__main__":
-    main()
