@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -28,6 +29,18 @@ pytestmark = [
     pytest.mark.usefixtures("compilation_cache"),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
+
+
+def run_command(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the repository, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=cli_env(tempfile.mkdtemp(prefix="jax_cache_")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def copy_of(finished_dir: str, tmp_path) -> str:
@@ -92,14 +105,7 @@ def test_a_damaged_best_checkpoint_is_named(finished, tmp_path):
         f.truncate(os.path.getsize(largest) // 2)
     with pytest.raises(ValueError, match=r"cannot restore the best checkpoint .*best/3: .*latest"):
         evaluate.evaluate_directory(workdir, which="best")
-    done = subprocess.run(
-        [sys.executable, "-m", "clca_jax.evaluate", f"--workdir={workdir}", "--checkpoint=best"],
-        cwd=REPO,
-        env=cli_env(str(tmp_path / "jax_cache")),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_command("clca_jax.evaluate", f"--workdir={workdir}", "--checkpoint=best")
     errors = [line for line in done.stderr.splitlines() if not line.startswith(("I1", "W1"))]
     assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
     assert errors[0].startswith("error: cannot restore the best checkpoint ")
@@ -190,14 +196,7 @@ def test_a_full_disk_stops_the_run_with_one_message(finished, tmp_path, small_di
     _, data_dir, _ = finished
     config_path = write_cli_config(str(tmp_path / "cli.py"), data_dir)
     workdir = str(small_disk / "run")
-    done = subprocess.run(
-        [sys.executable, "-m", "clca_jax.main", f"--config={config_path}", f"--workdir={workdir}"],
-        cwd=REPO,
-        env=cli_env(str(tmp_path / "jax_cache")),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_command("clca_jax.main", f"--config={config_path}", f"--workdir={workdir}")
     assert done.returncode == 2, done.stderr[-3000:]
     # The run's last word is one line. (Before it, orbax's writer threads may print "Event loop
     # is closed" tracebacks of their own while the failing save unwinds; they are not ours.)
@@ -219,14 +218,7 @@ def test_a_damaged_latest_checkpoint_is_one_error_line(finished, tmp_path):
         f.truncate(50)
     config_path = write_cli_config(str(tmp_path / "cli.py"), data_dir)
     before = snapshot(workdir)
-    done = subprocess.run(
-        [sys.executable, "-m", "clca_jax.main", f"--config={config_path}", f"--workdir={workdir}"],
-        cwd=REPO,
-        env=cli_env(str(tmp_path / "jax_cache")),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_command("clca_jax.main", f"--config={config_path}", f"--workdir={workdir}")
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if not line.startswith(("I1", "W1"))]
     assert len(errors) == 1, done.stderr[-3000:]
