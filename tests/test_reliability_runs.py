@@ -10,11 +10,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 
 import pytest
 
 from clca_jax import evaluate, train
-from clca_jax.training import workdirs
+from clca_jax.training import checkpoint, workdirs
 from tests.killable_main import KILL_AT_ENV
 from tests.test_reliability_inputs import snapshot
 from tests.test_reliability_kill import (
@@ -226,3 +227,33 @@ def test_a_damaged_latest_checkpoint_is_one_error_line(finished, tmp_path):
         errors[0].startswith("error: cannot restore checkpoint ") and "checkpoints/3" in errors[0]
     )
     assert snapshot(workdir) == before
+
+
+def test_only_callbacks_into_a_closed_loop_are_silenced(monkeypatch):
+    """The hook a restore installs drops tensorstore's orphaned completions, nothing else."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    with pytest.raises(ValueError, match="^cannot read: RuntimeError$"):
+        with checkpoint._reading(lambda error: f"cannot read: {type(error).__name__}"):
+            raise RuntimeError("damaged")
+
+    def unraisable(error, obj=None):
+        return types.SimpleNamespace(
+            exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None, object=obj
+        )
+
+    sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+    assert seen == []
+    others = [
+        unraisable(RuntimeError("Event loop is closed"), obj="a finaliser"),
+        unraisable(RuntimeError("another")),
+        unraisable(ValueError("Event loop is closed")),
+    ]
+    for other in others:
+        sys.unraisablehook(other)
+    assert seen == others
+
+
+def test_tensorstore_details_are_cut_from_an_error_line():
+    error = Exception("Encountered error reading (0, 32). See full TensorStore details: <x>")
+    assert checkpoint._first_line(error) == "Exception: Encountered error reading (0, 32)"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -125,10 +126,8 @@ class Checkpoints:
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), loader=ocp.args.JsonRestore()
         )
-        try:
+        with _reading(lambda error: self._unreadable(step, error)):
             restored = self._latest.restore(step, args=args)
-        except Exception as error:  # orbax raises assorted types for damaged or foreign files
-            raise ValueError(self._unreadable(step, error)) from error
         return restored["state"], restored["loader"]
 
     def restore_variables(self, abstract_variables: dict, step: int | None = None) -> dict:
@@ -148,10 +147,8 @@ class Checkpoints:
                 item=wanted, restore_args=restore_args, partial_restore=True
             )
         )
-        try:
+        with _reading(lambda error: self._unreadable(step, error)):
             restored = self._latest.restore(step, args=args)["state"]
-        except Exception as error:  # orbax raises assorted types for damaged or foreign files
-            raise ValueError(self._unreadable(step, error)) from error
         variables = {"params": restored["params"]}
         if restored.get("batch_stats"):
             variables["batch_stats"] = restored["batch_stats"]
@@ -192,15 +189,15 @@ class Checkpoints:
                 "been evaluated yet. Use the latest checkpoint instead."
             )
         args = ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables))
-        try:
-            restored = self._best.restore(step, args=args)
-        except Exception as error:  # orbax raises assorted types for damaged or foreign files
-            folder = os.path.join(self.workdir, BEST_DIR, str(step))
-            raise ValueError(
+        folder = os.path.join(self.workdir, BEST_DIR, str(step))
+        with _reading(
+            lambda error: (
                 f"cannot restore the best checkpoint {folder}: {_first_line(error)}. Its files "
                 "are damaged or belong to another model; nothing was changed. Evaluate the "
                 "latest checkpoint instead (--checkpoint=latest)."
-            ) from error
+            )
+        ):
+            restored = self._best.restore(step, args=args)
         return restored["variables"]
 
     def wait(self) -> None:
@@ -230,9 +227,49 @@ class Checkpoints:
                     self._best.close()
 
 
+@contextlib.contextmanager
+def _reading(describe):
+    """Turns orbax's errors while reading into one `ValueError(describe(error))`.
+
+    orbax raises assorted types for damaged or foreign files. When one array fails, orbax
+    closes its event loop while tensorstore still reads the others; their completions then
+    report "Event loop is closed" as unraisable exceptions, tracebacks printed around the
+    one error line. Those (and only those) are silenced from the first restore on: they can
+    come before the error reaches this frame, and after it.
+    """
+    _silence_reads_orphaned_by_a_failed_restore()
+    try:
+        yield
+    except Exception as error:
+        raise ValueError(describe(error)) from error
+
+
+def _is_orphaned_read(unraisable) -> bool:
+    return (
+        unraisable.object is None
+        and unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"
+    )
+
+
+def _silence_reads_orphaned_by_a_failed_restore() -> None:
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_orphaned_reads", False):
+        return
+
+    def hook(unraisable):
+        if not _is_orphaned_read(unraisable):
+            previous(unraisable)
+
+    hook.drops_orphaned_reads = True
+    sys.unraisablehook = hook
+
+
 def _first_line(error: Exception) -> str:
-    """`Type: first line of the message` (orbax's messages can be pages of tensorstore JSON)."""
+    """`Type: first line of the message` (orbax's messages can be pages of tensorstore JSON,
+    which is cut off)."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    reason = reason.split(" See full TensorStore details")[0].rstrip(".")
     return f"{type(error).__name__}: {reason[:300]}" if reason else type(error).__name__
 
 
