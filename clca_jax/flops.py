@@ -8,7 +8,7 @@ convolutions (output elements x input channels per group x kernel), element-wise
 free. The paper counted ATS models with thop, which skips the attention matmuls; here every
 method uses the torchprofile rules, and ATS lengths are the schedule's upper bounds.
 
-    python -m clca_jax.flops --config=configs/soyglobal.py [--config.model.field=value] [--json]
+    python -m clca_jax.flops --config=soyglobal [--config.model.field=value] [--json]
 """
 
 from __future__ import annotations
@@ -179,11 +179,10 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     from absl import flags
-    from ml_collections import config_flags
 
-    from clca_jax import commands
+    from clca_jax import commands, config_files
 
-    config_flags.DEFINE_config_file("config", None, "Config file (its `model` section is used).")
+    config_files.DEFINE_config("config", None, "Config name or file (its `model` section is used).")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.DEFINE_bool("skip_xla", False, "Do not compile the model for XLA's count.")
     flags.mark_flags_as_required(["config"])

@@ -1,11 +1,13 @@
 """Trains and evaluates a model as a config file says.
 
-    python -m clca_jax.main --config=configs/demo.py --workdir=runs/demo
-    python -m clca_jax.main --config=configs/soyglobal.py --workdir=runs/soyglobal \
+    python -m clca_jax.main --config=demo --workdir=runs/demo
+    python -m clca_jax.main --config=soyglobal --workdir=runs/soyglobal \
         --config.data.dir=/data/soyglobal --config.model.reduction.keep_rate=0.1
 
-Every config field can be set on the command line (`--config.FIELD=VALUE`); a field the config
-does not have is an error. Rerunning with the same workdir resumes from its latest checkpoint.
+`--config` is a shipped config's name (`demo`, `soygene:tiny`) or a config file's path (see
+`clca_jax.config_files`). Every config field can be set on the command line
+(`--config.FIELD=VALUE`); a field the config does not have is an error. Rerunning with the same
+workdir resumes from its latest checkpoint.
 
 On SIGTERM (a preemption notice) the run saves a checkpoint at the next step and exits with
 status 0 (`PREEMPTED_EXIT_CODE`); rerun the same command to continue.
@@ -16,13 +18,15 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from clca_jax import commands, train
+from clca_jax import commands, config_files, train
 from clca_jax.training.config import parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file, e.g. configs/demo.py.", lock_config=True
+_CONFIG = config_files.DEFINE_config(
+    "config",
+    None,
+    "Training config: a shipped config's name (demo, soyglobal, soygene:tiny) or a config "
+    "file's path.",
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
 flags.mark_flags_as_required(["config", "workdir"])
