@@ -40,10 +40,6 @@ _CHECKPOINT = flags.DEFINE_enum(
 )
 
 
-def is_converted_model(directory: str) -> bool:
-    return os.path.isdir(os.path.join(directory, pretrained.VARIABLES_DIR))
-
-
 def evaluate_directory(
     directory: str,
     config: ml_collections.ConfigDict | None = None,
@@ -64,7 +60,7 @@ def evaluate_directory(
       ValueError: the config is invalid, or the model's classes do not fit the data.
     """
     directory = os.path.abspath(os.path.expanduser(directory))
-    if is_converted_model(directory):
+    if pretrained.is_converted_model(directory):
         if config is None:
             raise ValueError(
                 f"{directory} is a converted model; pass --config (e.g. soyglobal) "

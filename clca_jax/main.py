@@ -3,11 +3,13 @@
     python -m clca_jax.main --config=demo --workdir=runs/demo
     python -m clca_jax.main --config=soyglobal --workdir=runs/soyglobal \
         --config.data.dir=/data/soyglobal --config.model.reduction.keep_rate=0.1
+    python -m clca_jax.main --workdir=runs/soyglobal    # resume: the config the run saved
 
 `--config` is a shipped config's name (`demo`, `soygene:tiny`) or a config file's path (see
 `clca_jax.config_files`). Every config field can be set on the command line
 (`--config.FIELD=VALUE`); a field the config does not have is an error. Rerunning with the same
-workdir resumes from its latest checkpoint.
+workdir resumes from its latest checkpoint; without --config, with the config the run saved in
+it (`config.json`).
 
 On SIGTERM (a preemption notice) the run saves a checkpoint at the next step and exits with
 status 0 (`PREEMPTED_EXIT_CODE`); rerun the same command to continue.
@@ -15,30 +17,41 @@ status 0 (`PREEMPTED_EXIT_CODE`); rerun the same command to continue.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
 
 from clca_jax import commands, config_files, train
+from clca_jax.training import workdirs
 from clca_jax.training.config import parse_flags
 
 _CONFIG = config_files.DEFINE_config(
     "config",
     None,
     "Training config: a shipped config's name (demo, soyglobal, soygene:tiny) or a config "
-    "file's path.",
+    "file's path. Default: the config the run in --workdir saved.",
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 PREEMPTED_EXIT_CODE = 0
+
+
+def saved_config(workdir: str):
+    """The config of the run in `workdir`, for a restart given only --workdir."""
+    workdir = os.path.expanduser(workdir)
+    if not os.path.isfile(workdirs.run_config_path(workdir)):
+        raise app.UsageError(f"--config is needed: {workdir} holds no run to resume.")
+    return workdirs.read_run_config(workdir)
 
 
 def main(argv, events: train.LoopEvents | None = None):
     """The command; `events` lets a wrapper act at points of the loop (see `train.LoopEvents`)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value if _CONFIG.value is not None else saved_config(_WORKDIR.value)
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, events=events)
+        train.train_and_evaluate(config, _WORKDIR.value, events=events)
     except train.Preempted as preempted:
         logging.warning("%s", preempted)
         sys.exit(PREEMPTED_EXIT_CODE)
