@@ -20,7 +20,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from clca_jax import commands, config_files, data, pretrained
+from clca_jax import commands, config_files, data, pretrained, user_errors
 from clca_jax.training import checkpoint, evaluation, sharding, workdirs
 from clca_jax.training import metrics as metrics_lib
 from clca_jax.training.config import parse_flags, validate_config
@@ -35,6 +35,7 @@ _CONFIG = config_files.DEFINE_config(
     "data, eval and mesh sections replace the saved ones.",
 )
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: data.eval_split).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a config, data or file error.")
 _CHECKPOINT = flags.DEFINE_enum(
     "checkpoint", "latest", ["latest", "best"], "Which checkpoint of a training workdir."
 )
@@ -161,7 +162,8 @@ def load_variables(directory, source, model, mesh) -> tuple[dict, int | None]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    summary = evaluate_directory(_WORKDIR.value, _CONFIG.value, _SPLIT.value, _CHECKPOINT.value)
+    with user_errors.reported(_DEBUG.value):
+        summary = evaluate_directory(_WORKDIR.value, _CONFIG.value, _SPLIT.value, _CHECKPOINT.value)
     logging.info(evaluation.summary_line(summary))
     print(json.dumps(summary, indent=2, sort_keys=True))
 

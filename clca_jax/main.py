@@ -11,8 +11,10 @@
 workdir resumes from its latest checkpoint; without --config, with the config the run saved in
 it (`config.json`).
 
-On SIGTERM (a preemption notice) the run saves a checkpoint at the next step and exits with
-status 0 (`PREEMPTED_EXIT_CODE`); rerun the same command to continue.
+On SIGTERM (a preemption notice) the run stops at the next safe point (during training: after
+saving the next step) and exits with status 0 (`PREEMPTED_EXIT_CODE`); rerun the same command
+to continue. A bad config, data or workdir, a damaged checkpoint or a full disk ends the run
+with one `error: ...` line and status 2 (`--debug` shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 
 from absl import app, flags, logging
 
-from clca_jax import commands, config_files, train
+from clca_jax import commands, config_files, train, user_errors
 from clca_jax.training import workdirs
 from clca_jax.training.config import parse_flags
 
@@ -34,6 +36,9 @@ _CONFIG = config_files.DEFINE_config(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
 flags.mark_flags_as_required(["workdir"])
+_DEBUG = flags.DEFINE_bool(
+    "debug", False, "Show the traceback of a configuration, data, workdir or disk error."
+)
 PREEMPTED_EXIT_CODE = 0
 
 
@@ -49,9 +54,10 @@ def main(argv, events: train.LoopEvents | None = None):
     """The command; `events` lets a wrapper act at points of the loop (see `train.LoopEvents`)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value if _CONFIG.value is not None else saved_config(_WORKDIR.value)
     try:
-        train.train_and_evaluate(config, _WORKDIR.value, events=events)
+        with user_errors.reported(_DEBUG.value):
+            config = _CONFIG.value if _CONFIG.value is not None else saved_config(_WORKDIR.value)
+            train.train_and_evaluate(config, _WORKDIR.value, events=events)
     except train.Preempted as preempted:
         logging.warning("%s", preempted)
         sys.exit(PREEMPTED_EXIT_CODE)

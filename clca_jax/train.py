@@ -14,18 +14,22 @@ with the same seed and resumed from its saved position.
 
 Interruptions lose nothing but the steps since the last checkpoint: a killed run restarted with
 the same command resumes from its latest complete checkpoint and ends with the parameters and
-metrics of an uninterrupted run; SIGTERM (a preemption notice) makes the run save at the next
-step and stop (`Preempted`; `clca_jax.main` then exits with status 0). A step whose loss or
+metrics of an uninterrupted run; SIGTERM (a preemption notice) makes the run stop at the next
+safe point (`Preempted`; `clca_jax.main` then exits with status 0): during training it saves
+the next step, during start-up it stops before the first step, during the final evaluation
+between batches. One run holds a workdir at a time (`workdirs.WorkdirLock`). A step whose loss or
 gradient is not finite changes nothing; `train.on_nonfinite` says whether the run then stops
 (`NonFiniteError`, before anything else is saved) or goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -334,6 +338,12 @@ class LoopEvents:
         """Called right after the save of step `step` has started (orbax writes it in the
         background)."""
 
+    def before_loop(self, step: int) -> None:
+        """Called once start-up is done, before the first step (`step`: the resumed step)."""
+
+    def before_final_evaluation(self, step: int) -> None:
+        """Called after the last step's save, before the final evaluation."""
+
 
 @dataclasses.dataclass
 class Run:
@@ -377,6 +387,7 @@ def train_loop(run: Run, state: TrainState, mesh) -> TrainState:
         running = metrics_lib.merge(running, step_metrics)
         done = step + 1
         run.events.after_step(done)
+        run.checkpoints.check_saves()  # stop at the first failed save, not at the next one
         if done % config.train.log_every_steps == 0 or done == run.total_steps:
             check_finite(run, running)
             report_train(run, progress, done, loader.steps_per_epoch, running)
@@ -471,10 +482,19 @@ def train_and_evaluate(
         found while training, which leave the earlier checkpoints as they were.
     """
     model = validate_config(config)
+    workdir = workdirs.check_workdir_name(workdir)
     sharding.initialize_distributed(config.mesh.heartbeat_timeout_seconds)
     metrics_lib.quiet_checkpoint_logs()
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    checkpoint.check_writable(workdir)
+    # From here on SIGTERM means: stop at the next safe point, rerun to continue (exit 0).
+    with PreemptionNotice() as preemption:
+        checkpoint.check_writable(workdir)
+        with contextlib.ExitStack() as lock:
+            if jax.process_index() == 0:
+                lock.enter_context(workdirs.WorkdirLock(workdir))
+            return _train_and_evaluate(config, model, workdir, preemption, events or LoopEvents())
+
+
+def _train_and_evaluate(config, model, workdir, preemption, events) -> dict:
     # Mesh.
     mesh = sharding.make_mesh(config.mesh)
     logging.info("Mesh %s over %d device(s).", dict(mesh.shape), mesh.size)
@@ -493,6 +513,7 @@ def train_and_evaluate(
     )
     writer = None
     try:
+        check_not_past_the_end(checkpoints, total_steps, config)
         state = restore_or_create_state(config, model, tx, mesh, checkpoints, inputs.train, workdir)
         # Written only now, so a refused restart leaves the workdir as it was.
         workdirs.warn_if_config_changed(workdir, config)
@@ -516,23 +537,33 @@ def train_and_evaluate(
             inputs=inputs,
             train_step=compile_train_step(model, tx, schedule, state_shardings, mesh),
             run_eval=lambda variables: evaluation.evaluate(
-                eval_fn, variables, inputs.eval, mesh, rng
+                eval_fn, variables, inputs.eval, mesh, rng, should_stop=preemption.received_here
             ),
             checkpoints=checkpoints,
             writer=writer,
             total_steps=total_steps,
             param_names=leaf_names(state.params),
-            preemption=PreemptionNotice(),
-            events=events or LoopEvents(),
+            preemption=preemption,
+            events=events,
         )
         # Loop.
+        events.before_loop(int(state.step))
+        if preemption.received_here():  # during start-up: nothing new to save
+            step = int(state.step)
+            raise Preempted(step, workdir, saved=checkpoints.latest_step() is not None)
         start = time.perf_counter()
-        with run.preemption:
-            state = train_loop(run, state, mesh)
+        state = train_loop(run, state, mesh)
         train_seconds = time.perf_counter() - start
-        result = evaluate_and_keep_best(run, state, total_steps)
+        events.before_final_evaluation(total_steps)
+        try:
+            result = evaluate_and_keep_best(run, state, total_steps)
+        except evaluation.EvaluationStopped:
+            raise Preempted(total_steps, workdir) from None
     finally:
-        checkpoints.close()
+        # After a failed save, closing would wait on orbax's broken background writes (and
+        # report them again); the process is about to end with the one error line.
+        if not isinstance(sys.exc_info()[1], checkpoint.CheckpointWriteError):
+            checkpoints.close()
         if writer is not None:
             writer.close()
     summary = evaluation.make_summary(
@@ -542,3 +573,16 @@ def train_and_evaluate(
     metrics_lib.write_json(path, summary)
     logging.info("%s; summary in %s", evaluation.summary_line(summary), path)
     return summary
+
+
+def check_not_past_the_end(checkpoints, total_steps: int, config) -> None:
+    """Refuses to resume a run whose latest checkpoint lies beyond this config's last step
+    (fewer epochs than already trained): its result would be reported as the shorter run."""
+    latest = checkpoints.latest_step()
+    if latest is not None and latest > total_steps:
+        raise ValueError(
+            f"{checkpoints.workdir} holds a checkpoint at step {latest}, past step "
+            f"{total_steps}, the last of train.epochs={config.train.epochs}; nothing was "
+            "changed. Train for at least as many epochs as before, or evaluate that run with "
+            "clca_jax.evaluate."
+        )

@@ -7,7 +7,9 @@ acted on through the loop's `train.LoopEvents` hooks:
 * `step:N`: SIGKILL right after train step N;
 * `save:N`: SIGKILL right after the save of step N has started (orbax writes it in the
   background);
-* `term:N`: SIGTERM after train step N (a preemption notice).
+* `term:N`: SIGTERM after train step N (a preemption notice);
+* `term:start`: SIGTERM once start-up is done, before the first step;
+* `term:eval`: SIGTERM before the final evaluation.
 
 Without the variable the command is `clca_jax.main` itself.
 """
@@ -37,15 +39,22 @@ class KillAt(train.LoopEvents):
         if self.point == f"save:{step}":
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def before_loop(self, step: int) -> None:
+        if self.point == "term:start":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def before_final_evaluation(self, step: int) -> None:
+        if self.point == "term:eval":
+            os.kill(os.getpid(), signal.SIGTERM)
+
 
 if __name__ == "__main__":
     # Imported here: `clca_jax.main` defines the command's flags, which the tests importing
     # this module for `KILL_AT_ENV` must not get.
-    from absl import app
-
+    from clca_jax import commands
     from clca_jax import main as clca_main
     from clca_jax.training.config import parse_flags
 
     point = os.environ.get(KILL_AT_ENV, "")
     events = KillAt(point) if point else None
-    app.run(functools.partial(clca_main.main, events=events), flags_parser=parse_flags)
+    commands.run(functools.partial(clca_main.main, events=events), flags_parser=parse_flags)

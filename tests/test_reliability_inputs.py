@@ -49,16 +49,6 @@ def files_only(listing: dict) -> dict:
     return {k: v for k, v in listing.items() if v != ("dir",)}
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """Data and a workdir holding a finished 1-epoch run (checkpoints 2 and 3)."""
-    root = tmp_path_factory.mktemp("inputs")
-    data_dir = fabricated_folder(str(root / "data"))
-    workdir = str(root / "finished")
-    train.train_and_evaluate(tiny_config(data_dir, train__epochs=1), workdir)
-    return root, data_dir, workdir
-
-
 def _largest_state_file(workdir: str) -> str:
     paths = []
     for folder, _, files in os.walk(os.path.join(workdir, "checkpoints", "3", "state")):

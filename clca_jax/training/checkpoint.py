@@ -19,11 +19,18 @@ restore picks up; opening the folders (not read-only) deletes such leftovers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); earlier complete
+    checkpoints are intact."""
+
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -51,6 +58,7 @@ class Checkpoints:
             os.path.join(self.workdir, LATEST_DIR),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **access),
         )
+        self._saving = None  # the step of the latest save started
         self._best = None
         if keep_best:
             self._best = ocp.CheckpointManager(
@@ -65,15 +73,43 @@ class Checkpoints:
         return self._latest.latest_step()
 
     def save(self, step: int, state, loader_state: dict) -> None:
-        """Saves the train state and the input position (asynchronously; skip if present)."""
+        """Saves the train state and the input position (asynchronously; skip if present).
+
+        Raises:
+          CheckpointWriteError: this save, or an earlier one still in flight, failed.
+        """
         if step in self._latest.all_steps():
             return
-        self._latest.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader_state)
-            ),
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader_state)
         )
+        # orbax first waits for the save in flight: an error here is most likely that one's.
+        with self._writing(self._saving if self._saving is not None else step):
+            self._latest.save(step, args=args)
+        self._saving = step
+
+    def check_saves(self) -> None:
+        """Raises `CheckpointWriteError` if a background save has failed (does not wait)."""
+        if self._saving is not None:
+            with self._writing(self._saving):
+                self._latest.check_for_errors()
+
+    @contextlib.contextmanager
+    def _writing(self, step: int):
+        """Turns orbax's errors while writing step `step` into one `CheckpointWriteError`."""
+        try:
+            yield
+        except Exception as error:  # orbax and tensorstore raise assorted types
+            if isinstance(error, CheckpointWriteError):
+                raise
+            complete = [s for s in self._latest.all_steps() if s != step]
+            kept = f"checkpoint {max(complete)} is intact" if complete else "none was saved before"
+            folder = os.path.join(self.workdir, LATEST_DIR)
+            raise CheckpointWriteError(
+                f"cannot save checkpoint {step} in {folder}: {_first_line(error)}. Training "
+                f"stopped at the first failed save; {kept}. Free space (or fix the folder) and "
+                "rerun the same command to continue."
+            ) from error
 
     def restore(self, abstract_state, step: int | None = None):
         """The train state and loader state at `step` (default: the latest).
@@ -127,9 +163,8 @@ class Checkpoints:
         instead = (
             f"to resume from step {max(earlier)}" if earlier else "to start this run from scratch"
         )
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return (
-            f"cannot restore checkpoint {folder}: {type(error).__name__}: {reason[:300]}. Its "
+            f"cannot restore checkpoint {folder}: {_first_line(error)}. Its "
             "files are damaged or belong to another model. Nothing was changed; delete that "
             f"folder {instead}, or use a new --workdir."
         )
@@ -156,23 +191,49 @@ class Checkpoints:
                 f"{os.path.join(self.workdir, BEST_DIR)} holds no checkpoint; the run has not "
                 "been evaluated yet. Use the latest checkpoint instead."
             )
-        restored = self._best.restore(
-            step,
-            args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables)),
-        )
+        args = ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables))
+        try:
+            restored = self._best.restore(step, args=args)
+        except Exception as error:  # orbax raises assorted types for damaged or foreign files
+            folder = os.path.join(self.workdir, BEST_DIR, str(step))
+            raise ValueError(
+                f"cannot restore the best checkpoint {folder}: {_first_line(error)}. Its files "
+                "are damaged or belong to another model; nothing was changed. Evaluate the "
+                "latest checkpoint instead (--checkpoint=latest)."
+            ) from error
         return restored["variables"]
 
     def wait(self) -> None:
-        """Blocks until pending saves are on disk."""
-        self._latest.wait_until_finished()
+        """Blocks until pending saves are on disk.
+
+        Raises:
+          CheckpointWriteError: a pending save failed.
+        """
+        with self._writing(self._saving if self._saving is not None else -1):
+            self._latest.wait_until_finished()
         if self._best is not None:
             self._best.wait_until_finished()
 
     def close(self) -> None:
-        self.wait()
-        self._latest.close()
-        if self._best is not None:
-            self._best.close()
+        """Waits for pending saves and closes the folders (also when a save failed).
+
+        Raises:
+          CheckpointWriteError: a pending save failed.
+        """
+        try:
+            self.wait()
+        finally:
+            self._saving = None
+            with contextlib.suppress(Exception):  # a failed save has been reported already
+                self._latest.close()
+                if self._best is not None:
+                    self._best.close()
+
+
+def _first_line(error: Exception) -> str:
+    """`Type: first line of the message` (orbax's messages can be pages of tensorstore JSON)."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {reason[:300]}" if reason else type(error).__name__
 
 
 def check_writable(workdir: str) -> None:

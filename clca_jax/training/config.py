@@ -79,6 +79,7 @@ def validate_config(config: ml_collections.ConfigDict) -> VisionTransformer:
         section raises `clca_jax.data.DataError`, a ValueError).
     """
     _check_fields(config, default_config(), "config")
+    _check_seed(config.seed)
     validate_data_config(config.data)
     model = create_model(config.model)  # checks every model field and the token schedule
     _check_optim(config.optim)
@@ -131,6 +132,14 @@ def _check_choice(section: ml_collections.ConfigDict, field: str, choices, name:
     value = section[field]
     if value not in choices:
         raise ValueError(f"{name}.{field} must be one of {choices}, got {value!r}.")
+
+
+MAX_SEED = 2**31 - 1  # the data loader's and NumPy's seeds take any value up to here
+
+
+def _check_seed(seed) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}.")
 
 
 def _check_positive(section: ml_collections.ConfigDict, fields: tuple[str, ...], name: str):

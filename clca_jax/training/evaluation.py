@@ -70,8 +70,17 @@ def eval_key(seed: int) -> jax.Array:
     return jax.random.key_data(jax.random.fold_in(jax.random.key(seed), EVAL_STREAM))
 
 
-def evaluate(step_fn, variables: dict, loader: data.EvalLoader, mesh, rng) -> dict[str, float]:
+class EvaluationStopped(Exception):
+    """`evaluate`'s `should_stop` said to stop before the pass was complete."""
+
+
+def evaluate(
+    step_fn, variables: dict, loader: data.EvalLoader, mesh, rng, should_stop=None
+) -> dict[str, float]:
     """One pass over the evaluation split.
+
+    `should_stop`, if given, is asked before each batch; when it says so the pass raises
+    `EvaluationStopped` (a preemption notice during the final evaluation).
 
     Returns:
       `loss`, `top1`, `top5` (fractions) over the real examples, `num_examples`, and
@@ -81,6 +90,8 @@ def evaluate(step_fn, variables: dict, loader: data.EvalLoader, mesh, rng) -> di
     batch_sharding = sharding.batch_sharding(mesh)
     total, batch = None, None
     for index, local in enumerate(loader):
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped
         batch = sharding.global_batch(local, batch_sharding)
         total = metrics_lib.merge(total, step_fn(variables, batch, np.int32(index), rng))
     if total is None:

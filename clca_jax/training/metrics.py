@@ -214,17 +214,21 @@ def format_duration(seconds: float) -> str:
 
 
 class _DropCheckpointInfo(logging.Filter):
-    """Drops orbax's per-save INFO lines, which would drown the progress lines."""
+    """Drops orbax's per-save INFO lines, which would drown the progress lines, and its ERROR
+    records: each of those failures reaches our code as an exception, which is reported once
+    in one line (`training.checkpoint`), where orbax logs it again from every thread it passed
+    through, with a traceback each. Its warnings still show."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
+        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+        return not from_orbax or logging.INFO < record.levelno < logging.ERROR
 
 
 _CHECKPOINT_FILTER = _DropCheckpointInfo()
 
 
 def quiet_checkpoint_logs() -> None:
-    """Hides orbax's INFO messages (warnings and errors still show); idempotent."""
+    """Hides orbax's INFO and ERROR messages (warnings still show); idempotent."""
     logging.getLogger("absl").addFilter(_CHECKPOINT_FILTER)
 
 

@@ -16,11 +16,11 @@ class Preempted(Exception):
       step: the step saved; rerunning the same command continues from it.
     """
 
-    def __init__(self, step: int, workdir: str):
+    def __init__(self, step: int, workdir: str, saved: bool = True):
         self.step = step
+        where = f"saved step {step} in {workdir}" if saved else f"nothing to save in {workdir}"
         super().__init__(
-            f"preempted (SIGTERM): saved step {step} in {workdir} and stopped; rerun the same "
-            "command to continue."
+            f"preempted (SIGTERM): {where} and stopped; rerun the same command to continue."
         )
 
 
@@ -52,6 +52,11 @@ class PreemptionNotice:
 
     def _on_signal(self, signum, frame) -> None:
         self.received = True  # only a flag: a handler must not log or block
+
+    def received_here(self) -> bool:
+        """Whether this process (of a single-process run) has had SIGTERM; outside the train
+        loop, where several processes could not agree on a step, only one process stops."""
+        return jax.process_count() == 1 and self.received
 
     def reached(self, step: int) -> bool:
         """Whether to save at `step` (steps done) and stop."""

@@ -9,8 +9,10 @@ draw or count it, and compared on restart so a workdir never mixes two models.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 
 import ml_collections
 from absl import logging
@@ -91,3 +93,74 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per workdir.
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir for the length of a run (process 0 of a run takes it).
+
+    `WORKDIR/.lock` names the holder (host and PID) and is removed when the run ends. The lock
+    itself is an advisory `flock` on that file, which the kernel releases when the holder
+    exits, killed or not: a lock file left by a killed run is stale and is simply taken over.
+    (On network file systems without `flock`, the lock is not enforced.)
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._file = None
+
+    def __enter__(self) -> WorkdirLock:
+        while True:
+            handle = open(self.path, "a+")  # noqa: SIM115 (held open for the run)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise WorkdirBusyError(
+                    f"{os.path.dirname(self.path)} is in use by another run ({holder}); "
+                    "nothing was changed. Wait for it to finish, stop it, or use another "
+                    "--workdir."
+                ) from None
+            # The holder before us may have removed the file between our open and our lock.
+            if os.path.exists(self.path) and os.path.samestat(
+                os.stat(self.path), os.fstat(handle.fileno())
+            ):
+                break
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._file is not None:
+            os.remove(self.path)  # while still locked: no one can hold a lock on it now
+            self._file.close()
+            self._file = None
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another run holds the workdir."""
+
+
+def check_workdir_name(workdir: str) -> str:
+    """The absolute workdir path; an empty name is refused (it would mean the current folder).
+
+    Raises:
+      ValueError: `workdir` is empty or only spaces.
+    """
+    if not isinstance(workdir, str) or not workdir.strip():
+        raise ValueError(
+            f"--workdir is empty ({workdir!r}); name a folder for the run's checkpoints and logs "
+            "(e.g. --workdir=runs/demo)."
+        )
+    return os.path.abspath(os.path.expanduser(workdir))
