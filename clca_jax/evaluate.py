@@ -5,7 +5,7 @@
     # a converted model directory (tools/convert_timm_weights.py --out DIR): the data, eval
     # and mesh sections come from a config file
     python -m clca_jax.evaluate --workdir=pretrained/clca_soyglobal \
-        --config=configs/soyglobal.py --config.data.dir=/data/soyglobal
+        --config=soyglobal --config.data.dir=/data/soyglobal
 
 It prints the summary that training writes to `summary.json` (top-1, top-5, loss, GMACs,
 parameters, images/s, config).
@@ -19,9 +19,8 @@ import os
 import jax
 import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from clca_jax import commands, data, pretrained, user_errors
+from clca_jax import commands, config_files, data, pretrained, user_errors
 from clca_jax.training import checkpoint, evaluation, sharding, workdirs
 from clca_jax.training import metrics as metrics_lib
 from clca_jax.training.config import parse_flags, validate_config
@@ -29,10 +28,10 @@ from clca_jax.training.config import parse_flags, validate_config
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "A training workdir or a converted model directory.", required=True
 )
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = config_files.DEFINE_config(
     "config",
     None,
-    "Config file: required for a converted model directory; for a workdir its "
+    "Config name or file: required for a converted model directory; for a workdir its "
     "data, eval and mesh sections replace the saved ones.",
 )
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: data.eval_split).")
@@ -40,10 +39,6 @@ _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a config, data
 _CHECKPOINT = flags.DEFINE_enum(
     "checkpoint", "latest", ["latest", "best"], "Which checkpoint of a training workdir."
 )
-
-
-def is_converted_model(directory: str) -> bool:
-    return os.path.isdir(os.path.join(directory, pretrained.VARIABLES_DIR))
 
 
 def evaluate_directory(
@@ -66,10 +61,10 @@ def evaluate_directory(
       ValueError: the config is invalid, or the model's classes do not fit the data.
     """
     directory = os.path.abspath(os.path.expanduser(directory))
-    if is_converted_model(directory):
+    if pretrained.is_converted_model(directory):
         if config is None:
             raise ValueError(
-                f"{directory} is a converted model; pass --config (e.g. configs/soyglobal.py) "
+                f"{directory} is a converted model; pass --config (e.g. soyglobal) "
                 "to say which data to evaluate it on."
             )
         config, source = _converted_config(directory, config), "converted"

@@ -8,18 +8,22 @@ convolutions (output elements x input channels per group x kernel), element-wise
 free. The paper counted ATS models with thop, which skips the attention matmuls; here every
 method uses the torchprofile rules, and ATS lengths are the schedule's upper bounds.
 
-    python -m clca_jax.flops --config=configs/soyglobal.py [--config.model.field=value] [--json]
+    python -m clca_jax.flops --config=soyglobal [--config.model.field=value] [--json]
+    python -m clca_jax.flops --workdir=runs/soyglobal     # the model of a run, or of a
+                                                          # converted model directory
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 import jax
 import ml_collections
 
+from clca_jax import pretrained
 from clca_jax.models import VisionTransformer, create_model
 from clca_jax.models.schedule import TokenSchedule
 
@@ -164,28 +168,46 @@ def format_table(model_config: ml_collections.ConfigDict, result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv) -> None:
-    del argv
-    from absl import flags
+def directory_model_config(directory: str) -> ml_collections.ConfigDict:
+    """The `model` section of a training workdir's saved config, or of a converted model
+    directory (`tools/convert_timm_weights.py --out`)."""
+    from clca_jax.training import workdirs
 
-    config = flags.FLAGS.config
-    model = create_model(config.model, check_cache=False)
+    directory = os.path.expanduser(directory)
+    if pretrained.is_converted_model(directory):
+        return pretrained.read_model_config(directory)
+    return workdirs.read_run_config(directory).model
+
+
+def main(argv) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if config is None and workdir is None:
+        raise app.UsageError("give --config (a config's name or path) or --workdir (a run).")
+    if config is not None and workdir is not None:
+        raise app.UsageError("give --config or --workdir, not both.")
+    model_config = config.model if config is not None else directory_model_config(workdir)
+    model = create_model(model_config, check_cache=False)
     result = report_dict(model, with_xla=not flags.FLAGS.skip_xla)
     if flags.FLAGS.json:
         print(json.dumps(result))
     else:
-        print(format_table(config.model, result))
+        print(format_table(model_config, result))
 
 
 if __name__ == "__main__":
     from absl import flags
-    from ml_collections import config_flags
 
-    from clca_jax import commands
+    from clca_jax import commands, config_files
 
-    config_flags.DEFINE_config_file("config", None, "Config file (its `model` section is used).")
+    config_files.DEFINE_config("config", None, "Config name or file (its `model` section is used).")
+    flags.DEFINE_string(
+        "workdir", None, "Instead of --config: a training workdir or converted model directory."
+    )
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.DEFINE_bool("skip_xla", False, "Do not compile the model for XLA's count.")
-    flags.mark_flags_as_required(["config"])
     commands.run(main)
     sys.exit(0)

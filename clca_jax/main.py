@@ -1,11 +1,15 @@
 """Trains and evaluates a model as a config file says.
 
-    python -m clca_jax.main --config=configs/demo.py --workdir=runs/demo
-    python -m clca_jax.main --config=configs/soyglobal.py --workdir=runs/soyglobal \
+    python -m clca_jax.main --config=demo --workdir=runs/demo
+    python -m clca_jax.main --config=soyglobal --workdir=runs/soyglobal \
         --config.data.dir=/data/soyglobal --config.model.reduction.keep_rate=0.1
+    python -m clca_jax.main --workdir=runs/soyglobal    # resume: the config the run saved
 
-Every config field can be set on the command line (`--config.FIELD=VALUE`); a field the config
-does not have is an error. Rerunning with the same workdir resumes from its latest checkpoint.
+`--config` is a shipped config's name (`demo`, `soygene:tiny`) or a config file's path (see
+`clca_jax.config_files`). Every config field can be set on the command line
+(`--config.FIELD=VALUE`); a field the config does not have is an error. Rerunning with the same
+workdir resumes from its latest checkpoint; without --config, with the config the run saved in
+it (`config.json`).
 
 On SIGTERM (a preemption notice) the run stops at the next safe point (during training: after
 saving the next step) and exits with status 0 (`PREEMPTED_EXIT_CODE`); rerun the same command
@@ -15,23 +19,35 @@ with one `error: ...` line and status 2 (`--debug` shows the traceback instead).
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from clca_jax import commands, train, user_errors
+from clca_jax import commands, config_files, train, user_errors
+from clca_jax.training import workdirs
 from clca_jax.training.config import parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file, e.g. configs/demo.py.", lock_config=True
+_CONFIG = config_files.DEFINE_config(
+    "config",
+    None,
+    "Training config: a shipped config's name (demo, soyglobal, soygene:tiny) or a config "
+    "file's path. Default: the config the run in --workdir saved.",
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 _DEBUG = flags.DEFINE_bool(
     "debug", False, "Show the traceback of a configuration, data, workdir or disk error."
 )
 PREEMPTED_EXIT_CODE = 0
+
+
+def saved_config(workdir: str):
+    """The config of the run in `workdir`, for a restart given only --workdir."""
+    workdir = os.path.expanduser(workdir)
+    if not os.path.isfile(workdirs.run_config_path(workdir)):
+        raise app.UsageError(f"--config is needed: {workdir} holds no run to resume.")
+    return workdirs.read_run_config(workdir)
 
 
 def main(argv, events: train.LoopEvents | None = None):
@@ -40,7 +56,8 @@ def main(argv, events: train.LoopEvents | None = None):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         with user_errors.reported(_DEBUG.value):
-            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, events=events)
+            config = _CONFIG.value if _CONFIG.value is not None else saved_config(_WORKDIR.value)
+            train.train_and_evaluate(config, _WORKDIR.value, events=events)
     except train.Preempted as preempted:
         logging.warning("%s", preempted)
         sys.exit(PREEMPTED_EXIT_CODE)

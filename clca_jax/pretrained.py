@@ -144,6 +144,12 @@ def check_output_dir(directory: str, overwrite: bool = False) -> str:
     return directory
 
 
+def is_converted_model(directory: str) -> bool:
+    """True for a converted model directory, as opposed to a training workdir (both have a
+    `config.json`; only a converted model has `variables/`)."""
+    return os.path.isdir(os.path.join(directory, VARIABLES_DIR))
+
+
 def is_model_directory(directory: str) -> bool:
     """True for a folder holding exactly what `save_pretrained` writes (notes optional)."""
     entries = set(os.listdir(directory))

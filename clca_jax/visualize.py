@@ -477,7 +477,7 @@ def load_run(directory: str, which: str = "latest"):
       converted model (it has no data section).
     """
     directory = os.path.abspath(os.path.expanduser(directory))
-    if evaluate.is_converted_model(directory):
+    if pretrained.is_converted_model(directory):
         model, variables = pretrained.load_pretrained(directory)
         return model, variables, None
     config = workdirs.read_run_config(directory)

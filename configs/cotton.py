@@ -1,21 +1,8 @@
-"""Cotton80 (80 cotton cultivars): the paper's main setting.
-
-    python -m clca_jax.main --config=configs/cotton.py --workdir=runs/cotton \
-        --config.data.dir=/data/cotton
-
-`data.dir` is the folder with the images and the split CSV files (spec 7). Everything else
-comes from `configs/common.py`; append `:tiny` to the config path for a laptop-sized run.
+"""Cotton80 config at its repository path; it is `clca_jax/configs/cotton.py`, whose docstring has
+the command. `--config=configs/cotton.py` (from the repository root) and `--config=cotton` (from any
+folder) load the same config.
 """
 
-from __future__ import annotations
+from clca_jax.configs.cotton import get_config
 
-import ml_collections
-
-from configs import common
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = common.get_config(arg)
-    config.data.name = "cotton"
-    config.model.num_classes = 80
-    return config
+__all__ = ["get_config"]

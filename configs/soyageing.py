@@ -1,21 +1,8 @@
-"""SoyAgeing (198 soybean cultivars at several growth stages): the paper's main setting.
-
-    python -m clca_jax.main --config=configs/soyageing.py --workdir=runs/soyageing \
-        --config.data.dir=/data/soyageing
-
-`data.dir` is the folder with the images and the split CSV files (spec 7). Everything else
-comes from `configs/common.py`; append `:tiny` to the config path for a laptop-sized run.
+"""SoyAgeing config at its repository path; it is `clca_jax/configs/soyageing.py`, whose docstring
+has the command. `--config=configs/soyageing.py` (from the repository root) and `--config=soyageing`
+(from any folder) load the same config.
 """
 
-from __future__ import annotations
+from clca_jax.configs.soyageing import get_config
 
-import ml_collections
-
-from configs import common
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = common.get_config(arg)
-    config.data.name = "soyageing"
-    config.model.num_classes = 198
-    return config
+__all__ = ["get_config"]

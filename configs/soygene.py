@@ -1,21 +1,8 @@
-"""SoyGene (1,110 soybean cultivars, one leaf photo per plant): the paper's main setting.
-
-    python -m clca_jax.main --config=configs/soygene.py --workdir=runs/soygene \
-        --config.data.dir=/data/soygene
-
-`data.dir` is the folder with the images and the split CSV files (spec 7). Everything else
-comes from `configs/common.py`; append `:tiny` to the config path for a laptop-sized run.
+"""SoyGene config at its repository path; it is `clca_jax/configs/soygene.py`, whose docstring has
+the command. `--config=configs/soygene.py` (from the repository root) and `--config=soygene` (from
+any folder) load the same config.
 """
 
-from __future__ import annotations
+from clca_jax.configs.soygene import get_config
 
-import ml_collections
-
-from configs import common
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = common.get_config(arg)
-    config.data.name = "soygene"
-    config.model.num_classes = 1110
-    return config
+__all__ = ["get_config"]

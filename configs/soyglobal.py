@@ -1,21 +1,8 @@
-"""SoyGlobal (1,938 soybean cultivars): the paper's main setting.
-
-    python -m clca_jax.main --config=configs/soyglobal.py --workdir=runs/soyglobal \
-        --config.data.dir=/data/soyglobal
-
-`data.dir` is the folder with the images and the split CSV files (spec 7). Everything else
-comes from `configs/common.py`; append `:tiny` to the config path for a laptop-sized run.
+"""SoyGlobal config at its repository path; it is `clca_jax/configs/soyglobal.py`, whose docstring
+has the command. `--config=configs/soyglobal.py` (from the repository root) and `--config=soyglobal`
+(from any folder) load the same config.
 """
 
-from __future__ import annotations
+from clca_jax.configs.soyglobal import get_config
 
-import ml_collections
-
-from configs import common
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = common.get_config(arg)
-    config.data.name = "soyglobal"
-    config.model.num_classes = 1938
-    return config
+__all__ = ["get_config"]

@@ -1,21 +1,8 @@
-"""SoyLocal (200 soybean cultivars): the paper's main setting.
-
-    python -m clca_jax.main --config=configs/soylocal.py --workdir=runs/soylocal \
-        --config.data.dir=/data/soylocal
-
-`data.dir` is the folder with the images and the split CSV files (spec 7). Everything else
-comes from `configs/common.py`; append `:tiny` to the config path for a laptop-sized run.
+"""SoyLocal config at its repository path; it is `clca_jax/configs/soylocal.py`, whose docstring has
+the command. `--config=configs/soylocal.py` (from the repository root) and `--config=soylocal` (from
+any folder) load the same config.
 """
 
-from __future__ import annotations
+from clca_jax.configs.soylocal import get_config
 
-import ml_collections
-
-from configs import common
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = common.get_config(arg)
-    config.data.name = "soylocal"
-    config.model.num_classes = 200
-    return config
+__all__ = ["get_config"]

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from clca_jax.configs import soyglobal
 from clca_jax.flops import count_macs
 from clca_jax.models import create_model
-from configs import soyglobal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "benchmark.py")

@@ -1,6 +1,8 @@
-"""The experiment configs: the paper's setting, the exact commands, one step on each dataset."""
+"""The experiment configs: the paper's setting, the exact commands, one step on each dataset,
+and loading them by name or path from any folder."""
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -9,11 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from clca_jax import train
+from clca_jax import config_files, flops, train
 from clca_jax.data import fabricate, ufgir
 from clca_jax.models import create_model
 from clca_jax.training import evaluation, sharding
 from clca_jax.training.config import validate_config
+from tests import command_line
 from tests.test_train_loop import build, compilation_cache  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +24,7 @@ CLASSES = {"soygene": 1110, "soylocal": 200, "soyageing": 198, "soyglobal": 1938
 
 
 def load(name: str, arg: str | None = None):
-    return importlib.import_module(f"configs.{name}").get_config(arg)
+    return config_files.load(f"{name}:{arg}" if arg else name)
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))
@@ -41,8 +44,8 @@ def test_dataset_configs_hold_the_papers_main_setting(name):
 
 @pytest.mark.parametrize("name", [*sorted(CLASSES), "demo"])
 def test_docstring_holds_the_command_that_runs_the_config(name):
-    doc = importlib.import_module(f"configs.{name}").__doc__
-    assert f"python -m clca_jax.main --config=configs/{name}.py --workdir=runs/{name}" in doc
+    doc = importlib.import_module(f"clca_jax.configs.{name}").__doc__
+    assert f"python -m clca_jax.main --config={name} --workdir=runs/{name}" in doc
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))
@@ -94,3 +97,55 @@ def test_unknown_variant_and_unknown_override_fail_clearly(tmp_path):
     )
     assert done.returncode == 1
     assert "--config.train.epoch" in done.stderr and 'Did you mean "epochs"' in done.stderr
+
+
+def test_every_shipped_config_has_its_repository_path():
+    shipped = [name for name in config_files.names() if name != "common"]
+    assert shipped == sorted([*CLASSES, "demo"])
+    in_repository = sorted(f[: -len(".py")] for f in os.listdir(os.path.join(REPO, "configs")))
+    assert in_repository == shipped
+    for name in shipped:
+        by_path = config_files.load(os.path.join(REPO, "configs", f"{name}.py"))
+        assert by_path.to_dict() == config_files.load(name).to_dict()
+
+
+def test_config_files_import_only_the_package():
+    for folder in (config_files.SHIPPED_DIR, os.path.join(REPO, "configs")):
+        for name in os.listdir(folder):
+            with open(os.path.join(folder, name)) as f:
+                imports = [line for line in f if line.startswith(("import ", "from "))]
+            assert not [line for line in imports if line.split()[1].split(".")[0] == "configs"]
+
+
+def test_specs_that_name_nothing_are_refused_with_the_names(tmp_path):
+    with pytest.raises(ValueError, match="'soygen' is not the name of a shipped config .*soygene"):
+        config_files.load("soygen")
+    with pytest.raises(ValueError, match="config file missing.py not found"):
+        config_files.load("missing.py")
+    old_style = tmp_path / "old_style.py"
+    old_style.write_text("from configs import common\n\ndef get_config():\n    return None\n")
+    with pytest.raises(ValueError, match="`from clca_jax.configs import common`, not"):
+        config_files.load(str(old_style))
+    assert load("soygene", "tiny").model.img_size == 64  # a name takes a variant too
+
+
+@pytest.mark.parametrize("spec", ["demo", "configs/demo.py", "~/demo.py"])
+def test_a_config_loads_by_name_or_path_from_any_folder(spec, tmp_path, monkeypatch):
+    """The flops command, run outside the checkout on the demo config (by name, by its
+    repository path, and by a copy in the home folder); its numbers are the config's."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if spec == "configs/demo.py":
+        spec = os.path.join(REPO, spec)
+    if spec.startswith("~"):
+        monkeypatch.setenv("HOME", str(tmp_path))
+        with open(os.path.join(REPO, "configs", "demo.py")) as f:
+            (tmp_path / "demo.py").write_text(f.read())
+    done = command_line.run(
+        ["-m", "clca_jax.flops", f"--config={spec}", "--json", "--skip_xla"],
+        cwd=str(elsewhere),
+        tmp=str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = create_model(load("demo").model, check_cache=False)
+    assert json.loads(done.stdout) == flops.report_dict(model, with_xla=False)

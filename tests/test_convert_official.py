@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import textwrap
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from clca_jax import load_pretrained
 from clca_jax.convert.cli import main as convert_main
+from tests import command_line
 from tests.reference import clca_numpy as ref
 
 IMG = 64
@@ -96,3 +98,23 @@ def test_checkpoint_of_another_method_is_refused(tmp_path, checkpoint, capsys):
     )
     assert code == 2
     assert "'score_predictor.0.in_conv.0.bias'" in capsys.readouterr().err
+
+
+def test_config_by_name_from_another_folder(tmp_path):
+    """`tools/convert_timm_weights.py --config soyglobal:tiny` run outside the checkout: the
+    shipped config (found by name) describes the checkpoint's model."""
+    tiny_cfg = dict(REFERENCE_CFG, depth=5, keep_rate=0.1, reduction_loc=[1, 2], num_classes=1938)
+    state = ref.random_official_state_dict(tiny_cfg, IMG, seed=4)
+    path = tmp_path / "soyglobal_tiny.pth"
+    write_checkpoint(path, state)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tool = os.path.join(command_line.REPO, "tools", "convert_timm_weights.py")
+    argv = [tool, "--checkpoint", str(path), "--config", "soyglobal:tiny", "--out", "converted"]
+    done = command_line.run(argv, cwd=str(elsewhere), tmp=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, variables = load_pretrained(str(elsewhere / "converted"))
+    images = np.random.default_rng(0).standard_normal((2, IMG, IMG, 3))
+    expected, _ = ref.forward(state, tiny_cfg, images.transpose(0, 3, 1, 2))
+    logits, _ = model.apply(variables, images.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)

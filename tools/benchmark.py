@@ -1,6 +1,6 @@
 """Throughput, compile time, MACs and memory of token reduction methods, beside PyTorch timm.
 
-    python tools/benchmark.py --config=configs/soyglobal.py --methods=none,evit \\
+    python tools/benchmark.py --config=soyglobal --methods=none,evit \\
         --keep_rates=0.1,0.7 --batch_size=8 --out=bench_out [--torch]
 
 Each (method, keep rate, mode) runs in its own process, so peak memory and compile counts are
@@ -28,14 +28,10 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from clca_jax import commands
+from clca_jax import commands, config_files
 
-# The configs import each other as `configs.*`, from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-config_flags.DEFINE_config_file("config", "configs/soyglobal.py", "Config whose `model` is timed.")
+config_files.DEFINE_config("config", "soyglobal", "Config (name or file) whose `model` is timed.")
 flags.DEFINE_list("methods", ["none", "evit"], "Reduction methods to time.")
 flags.DEFINE_list("keep_rates", ["0.1", "0.7"], "Keep rates (ignored for method none).")
 flags.DEFINE_integer("batch_size", 8, "Images per step.")

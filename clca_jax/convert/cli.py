@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
 import time
 
 import ml_collections
 
+from clca_jax import config_files
 from clca_jax.convert.timm import (
     ConversionError,
     convert_state_dict,
@@ -34,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         default=None,
-        help="config file (optionally PATH:variant) whose `model` section describes the target: "
-        "reduction method, keep rate, CLCA head and cache (official CLCA checkpoints)",
+        help="config whose `model` section describes the target: reduction method, keep rate, "
+        "CLCA head and cache (official CLCA checkpoints); a shipped config's name "
+        "(soyglobal, soygene:tiny) or a config file's path",
     )
     parser.add_argument(
         "--out",
@@ -77,21 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file; `PATH:variant` passes the variant (e.g. `tiny`)."""
-    path, _, variant = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} not found.")
-    # Config files import their siblings as `configs.<name>`: make their parent importable.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    module_spec = importlib.util.spec_from_file_location("clca_config_file", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
-
-
 def checkpoint_classes(state: dict, head: str) -> int | None:
     """Classes of the checkpoint's classifier for the model's head, if it has one."""
     key = "head.weight" if head == NO_HEAD else "ifa_head.0.4.weight"
@@ -102,11 +87,11 @@ def model_config_from_args(args: argparse.Namespace, state: dict) -> ml_collecti
     """The target model config: CLI values, else the config file's, the checkpoint's and the
     backbone's."""
     if args.config:
-        config = load_config_file(args.config).model
+        config = config_files.load(args.config).model
     elif args.model:
         config = default_model_config()
     else:
-        raise ValueError("give --model (a timm name) or --config (a config file).")
+        raise ValueError("give --model (a timm name) or --config (a config name or file).")
     if args.model:
         config.backbone = args.model
         if args.img_size is None and not args.config:

@@ -12,8 +12,10 @@ The weights come from a converted CLIP checkpoint:
         --out pretrained/vit_base_patch16_clip_224.laion2b_448
 
 The dataset configs call `get_config` and set the data and class count. On GPUs and TPUs add
-`--config.model.dtype=bfloat16`. Appending `:tiny` to a config path (`configs/soygene.py:tiny`)
-shrinks model, images, batch and schedule so any config runs on a laptop CPU.
+`--config.model.dtype=bfloat16`. Appending `:tiny` to a config's name or path (`soygene:tiny`,
+`configs/soygene.py:tiny`) shrinks model, images, batch and schedule so any config runs on a
+laptop CPU. A config file of your own starts the same way, from any folder:
+`from clca_jax.configs import common`.
 """
 
 from __future__ import annotations
