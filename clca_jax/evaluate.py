@@ -25,20 +25,23 @@ from clca_jax.training import checkpoint, evaluation, sharding, workdirs
 from clca_jax.training import metrics as metrics_lib
 from clca_jax.training.config import parse_flags, validate_config
 
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "A training workdir or a converted model directory.", required=True
-)
-_CONFIG = config_files.DEFINE_config(
-    "config",
-    None,
-    "Config name or file: required for a converted model directory; for a workdir its "
-    "data, eval and mesh sections replace the saved ones.",
-)
-_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: data.eval_split).")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a config, data or file error.")
-_CHECKPOINT = flags.DEFINE_enum(
-    "checkpoint", "latest", ["latest", "best"], "Which checkpoint of a training workdir."
-)
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, so that importing this module defines none)."""
+    flags.DEFINE_string(
+        "workdir", None, "A training workdir or a converted model directory.", required=True
+    )
+    config_files.DEFINE_config(
+        "config",
+        None,
+        "Config name or file: required for a converted model directory; for a workdir its "
+        "data, eval and mesh sections replace the saved ones.",
+    )
+    flags.DEFINE_string("split", None, "Split to evaluate (default: data.eval_split).")
+    flags.DEFINE_bool("debug", False, "Show the traceback of a config, data or file error.")
+    flags.DEFINE_enum(
+        "checkpoint", "latest", ["latest", "best"], "Which checkpoint of a training workdir."
+    )
 
 
 def evaluate_directory(
@@ -79,7 +82,7 @@ def evaluate_directory(
         config.data.eval_split = split
     model = validate_config(config)
     sharding.initialize_distributed(config.mesh.heartbeat_timeout_seconds)
-    metrics_lib.quiet_checkpoint_logs()
+    metrics_lib.quiet_library_logs()
     mesh = sharding.make_mesh(_mesh_for_this_machine(config.mesh))
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     _check_classes(config)
@@ -162,11 +165,18 @@ def load_variables(directory, source, model, mesh) -> tuple[dict, int | None]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    with user_errors.reported(_DEBUG.value):
-        summary = evaluate_directory(_WORKDIR.value, _CONFIG.value, _SPLIT.value, _CHECKPOINT.value)
+    FLAGS = flags.FLAGS
+    with user_errors.reported(FLAGS.debug):
+        summary = evaluate_directory(FLAGS.workdir, FLAGS.config, FLAGS.split, FLAGS.checkpoint)
     logging.info(evaluation.summary_line(summary))
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 
+def cli() -> None:
+    """`python -m clca_jax.evaluate`, the `clca-evaluate` command."""
+    define_flags()
+    commands.run(main, flags_parser=parse_flags, doc=__doc__, config_help=True)
+
+
 if __name__ == "__main__":
-    commands.run(main, flags_parser=parse_flags)
+    cli()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 import jax
 import ml_collections
@@ -198,7 +197,8 @@ def main(argv) -> None:
         print(format_table(model_config, result))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m clca_jax.flops`, the `clca-flops` command."""
     from absl import flags
 
     from clca_jax import commands, config_files
@@ -209,5 +209,8 @@ if __name__ == "__main__":
     )
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.DEFINE_bool("skip_xla", False, "Do not compile the model for XLA's count.")
-    commands.run(main)
-    sys.exit(0)
+    commands.run(main, doc=__doc__, config_help=True)
+
+
+if __name__ == "__main__":
+    cli()

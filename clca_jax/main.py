@@ -19,6 +19,7 @@ with one `error: ...` line and status 2 (`--debug` shows the traceback instead).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -28,18 +29,22 @@ from clca_jax import commands, config_files, train, user_errors
 from clca_jax.training import workdirs
 from clca_jax.training.config import parse_flags
 
-_CONFIG = config_files.DEFINE_config(
-    "config",
-    None,
-    "Training config: a shipped config's name (demo, soyglobal, soygene:tiny) or a config "
-    "file's path. Default: the config the run in --workdir saved.",
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
-flags.mark_flags_as_required(["workdir"])
-_DEBUG = flags.DEFINE_bool(
-    "debug", False, "Show the traceback of a configuration, data, workdir or disk error."
-)
 PREEMPTED_EXIT_CODE = 0
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, so that importing this module defines none)."""
+    config_files.DEFINE_config(
+        "config",
+        None,
+        "Training config: a shipped config's name (demo, soyglobal, soygene:tiny) or a config "
+        "file's path. Default: the config the run in --workdir saved.",
+    )
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
+    flags.mark_flags_as_required(["workdir"])
+    flags.DEFINE_bool(
+        "debug", False, "Show the traceback of a configuration, data, workdir or disk error."
+    )
 
 
 def saved_config(workdir: str):
@@ -54,14 +59,22 @@ def main(argv, events: train.LoopEvents | None = None):
     """The command; `events` lets a wrapper act at points of the loop (see `train.LoopEvents`)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    FLAGS = flags.FLAGS
     try:
-        with user_errors.reported(_DEBUG.value):
-            config = _CONFIG.value if _CONFIG.value is not None else saved_config(_WORKDIR.value)
-            train.train_and_evaluate(config, _WORKDIR.value, events=events)
+        with user_errors.reported(FLAGS.debug):
+            config = FLAGS.config if FLAGS.config is not None else saved_config(FLAGS.workdir)
+            train.train_and_evaluate(config, FLAGS.workdir, events=events)
     except train.Preempted as preempted:
         logging.warning("%s", preempted)
         sys.exit(PREEMPTED_EXIT_CODE)
 
 
+def cli(events: train.LoopEvents | None = None) -> None:
+    """`python -m clca_jax.main`, the `clca-train` command."""
+    define_flags()
+    command = main if events is None else functools.partial(main, events=events)
+    commands.run(command, flags_parser=parse_flags, doc=__doc__, config_help=True)
+
+
 if __name__ == "__main__":
-    commands.run(main, flags_parser=parse_flags)
+    cli()

@@ -381,9 +381,13 @@ def train_loop(run: Run, state: TrainState, mesh) -> TrainState:
     progress = metrics_lib.Progress(run.total_steps)
     eval_every = config.eval.every_epochs * loader.steps_per_epoch
     running = None
-    for step in range(int(state.step), run.total_steps):
+    first = int(state.step)
+    for step in range(first, run.total_steps):
         batch = sharding.global_batch(next(loader), batch_sharding)
-        state, step_metrics = run.train_step(state, batch)
+        if step == first:
+            state, step_metrics = first_step(run, state, batch)
+        else:
+            state, step_metrics = run.train_step(state, batch)
         running = metrics_lib.merge(running, step_metrics)
         done = step + 1
         run.events.after_step(done)
@@ -404,6 +408,17 @@ def train_loop(run: Run, state: TrainState, mesh) -> TrainState:
         if preempted:
             raise Preempted(done, run.checkpoints.workdir)
     return state
+
+
+def first_step(run: Run, state: TrainState, batch: dict):
+    """The process's first train step, which compiles it, timed and logged (a big model's
+    compile takes minutes on a CPU, with no other sign of life)."""
+    logging.info("Compiling the train step (the first step includes the compile) ...")
+    start = time.perf_counter()
+    state, step_metrics = run.train_step(state, batch)
+    jax.block_until_ready(step_metrics)
+    logging.info("Train step compiled and run once in %.1f s.", time.perf_counter() - start)
+    return state, step_metrics
 
 
 def check_finite(run: Run, running) -> None:
@@ -484,7 +499,7 @@ def train_and_evaluate(
     model = validate_config(config)
     workdir = workdirs.check_workdir_name(workdir)
     sharding.initialize_distributed(config.mesh.heartbeat_timeout_seconds)
-    metrics_lib.quiet_checkpoint_logs()
+    metrics_lib.quiet_library_logs()
     # From here on SIGTERM means: stop at the next safe point, rerun to continue (exit 0).
     with PreemptionNotice() as preemption:
         checkpoint.check_writable(workdir)

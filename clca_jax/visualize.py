@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from clca_jax import data, evaluate, pretrained
+from clca_jax import data, evaluate, pretrained, user_errors
 from clca_jax.data import pipeline, records
 from clca_jax.models import create_model
 from clca_jax.models.config import clca_in_use
@@ -519,42 +519,77 @@ def _sweep_command(args) -> list[str]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m clca_jax.visualize", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="clca-visualize", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (
-        ("kept", "patches kept or merged at each reduction block, one row per workdir"),
-        ("attention", "class-token attention of one block over the image"),
+    for name, help_text, workdir_help in (
+        (
+            "kept",
+            "patches kept or merged at each reduction block, one row per workdir",
+            "runs or converted model directories, comma-separated: one row each",
+        ),
+        (
+            "attention",
+            "class-token attention of one block over the image",
+            "a run or a converted model directory",
+        ),
     ):
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--workdir", required=True, help="run directory (kept: comma list)")
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--workdir", required=True, help=workdir_help)
         sub.add_argument("--image", help="image file; default: --index of the eval split")
         sub.add_argument("--index", type=int, default=0, help="eval-split example")
         sub.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
         sub.add_argument("--out", required=True, help="PNG file to write")
         sub.add_argument("--dpi", type=int, default=100)
     commands.choices["attention"].add_argument("--block", type=int, help="default: last block")
-    sweep = commands.add_parser("sweep", help="accuracy vs GMACs and images/s vs keep rate")
+    sweep_help = "accuracy vs GMACs and images/s vs keep rate"
+    sweep = commands.add_parser("sweep", help=sweep_help, description=sweep_help)
     sweep.add_argument("--workdir", nargs="+", required=True, help="runs, or folders of runs")
     sweep.add_argument("--out", required=True, help="folder for the two PNG files")
+    for sub in commands.choices.values():
+        sub.add_argument("--overwrite", action="store_true", help="replace existing PNG files")
+        sub.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
 COMMANDS = {"kept": _kept_command, "attention": _attention_command, "sweep": _sweep_command}
 
 
+def outputs(args) -> list[str]:
+    """The files the command will write."""
+    if args.command == "sweep":
+        return [os.path.join(args.out, name) for name in (ACCURACY_PNG, THROUGHPUT_PNG)]
+    return [args.out]
+
+
+def check_outputs(args) -> None:
+    """Refuses to replace an existing file without --overwrite (before any work)."""
+    existing = [path for path in outputs(args) if os.path.exists(path)]
+    if existing and not args.overwrite:
+        raise ValueError(
+            f"{', '.join(existing)} already exists; nothing was written. Choose another --out "
+            "or pass --overwrite to replace it."
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
+        check_outputs(args)
         written = COMMANDS[args.command](args)
     except (FileNotFoundError, ValueError, IndexError) as error:
+        if args.debug:
+            raise
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return user_errors.EXIT_CODE
     for path in written:
         print(path)
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m clca_jax.visualize`, the `clca-visualize` command."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -14,7 +14,6 @@ acted on through the loop's `train.LoopEvents` hooks:
 Without the variable the command is `clca_jax.main` itself.
 """
 
-import functools
 import os
 import signal
 
@@ -49,12 +48,7 @@ class KillAt(train.LoopEvents):
 
 
 if __name__ == "__main__":
-    # Imported here: `clca_jax.main` defines the command's flags, which the tests importing
-    # this module for `KILL_AT_ENV` must not get.
-    from clca_jax import commands
     from clca_jax import main as clca_main
-    from clca_jax.training.config import parse_flags
 
     point = os.environ.get(KILL_AT_ENV, "")
-    events = KillAt(point) if point else None
-    commands.run(functools.partial(clca_main.main, events=events), flags_parser=parse_flags)
+    clca_main.cli(events=KillAt(point) if point else None)

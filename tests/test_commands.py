@@ -9,8 +9,12 @@ later is tested too.
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import re
+import subprocess
+import sys
+import tomllib
 
 import pytest
 
@@ -45,6 +49,33 @@ def documented_commands() -> dict[tuple[str, ...], list[str]]:
 
 
 DOCUMENTED = documented_commands()
+
+with open(os.path.join(REPO, "pyproject.toml"), "rb") as _f:
+    SCRIPTS = tomllib.load(_f)["project"]["scripts"]
+# `clca-NAME [SUBCOMMAND]` where the documentation shows an installed command.
+_SCRIPT = re.compile(r"(?<![\w./-])(clca-[a-z]+)(?: ([a-z]+)(?= --|`|$))?", re.MULTILINE)
+
+
+def documented_scripts() -> dict[tuple[str, ...], list[str]]:
+    """Each installed command the documentation shows, as `(name[, subcommand])`."""
+    shown = {}
+    for pattern in _DOCUMENTS:
+        for path in sorted(glob.glob(os.path.join(REPO, pattern), recursive=True)):
+            with open(path, encoding="utf-8") as f:
+                for name, subcommand in _SCRIPT.findall(f.read()):
+                    command = (name, subcommand) if subcommand else (name,)
+                    shown.setdefault(command, []).append(os.path.relpath(path, REPO))
+    return shown
+
+
+def installed(name: str) -> str:
+    """The console script `name` of the environment running the tests."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    assert os.path.isfile(path), (
+        f"{name} is not installed beside {sys.executable}; reinstall the package "
+        "(pip install -e .) so that pyproject.toml's [project.scripts] are created."
+    )
+    return path
 
 
 def test_the_documentation_shows_every_command():
@@ -98,3 +129,57 @@ def test_prepare_command_prepares_a_leaf_dataset_from_another_folder(tmp_path):
         "val: 3 examples",
     ]
     assert os.listdir(tfds_dir / "ufgir_soygene")  # prepared where --tfds_dir says
+
+
+def test_every_installed_command_is_also_a_module_with_its_own_help():
+    """[project.scripts] names one `cli()` per command, whose module is its `python -m` form,
+    one prefix for all; and every installed command the documentation shows exists."""
+    assert all(name.startswith("clca-") for name in SCRIPTS)
+    for name, target in SCRIPTS.items():
+        module, _, function = target.partition(":")
+        assert function == "cli", name
+        assert callable(importlib.import_module(module).cli)
+    assert {command[0] for command in documented_scripts()} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_installed_command_prints_its_own_help_from_any_folder(name, tmp_path):
+    """The help of a console script names it (argparse) or starts with its module's docstring
+    (absl: its `__main__` is a generated wrapper without one), and exits with status 0."""
+    module = importlib.import_module(SCRIPTS[name].partition(":")[0])
+    done = subprocess.run([installed(name), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first_line = (module.__doc__ or "").strip().splitlines()[0]
+    assert first_line in done.stdout or done.stdout.startswith(f"usage: {name} "), done.stdout
+    assert "--" in done.stdout
+
+
+@pytest.mark.parametrize("command", sorted(documented_scripts()), ids=" ".join)
+def test_documented_installed_command_prints_its_help(command, tmp_path):
+    done = subprocess.run(
+        [installed(command[0]), *command[1:], "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_config_driven_commands_list_the_common_fields_in_their_help(tmp_path):
+    for name in ("clca-train", "clca-evaluate", "clca-flops", "clca-demo"):
+        done = subprocess.run(
+            [installed(name), "--help"], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert "--config.model.reduction.keep_rate=1.0" in done.stdout, name
+        assert "--config.train.epochs=50" in done.stdout, name
+
+
+def test_visualize_subcommands_describe_themselves():
+    for subcommand, words in (("kept", "kept or merged"), ("attention", "class-token attention")):
+        done = subprocess.run(
+            [sys.executable, "-m", "clca_jax.visualize", subcommand, "--help"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0 and words in done.stdout, done.stdout

@@ -84,8 +84,8 @@ def test_python_objects_need_trust(tmp_path, checkpoint, capsys):
     write_checkpoint(path, state, {"args": argparse.Namespace(lr=1e-4)})
     base = ["--checkpoint", str(path), "--config", str(config_path)]
     assert convert_main(base + ["--out", str(tmp_path / "a")]) == 2
-    assert "--trust-pickle" in capsys.readouterr().err
-    assert convert_main(base + ["--out", str(tmp_path / "b"), "--trust-pickle"]) == 0
+    assert "--trust_pickle" in capsys.readouterr().err
+    assert convert_main(base + ["--out", str(tmp_path / "b"), "--trust_pickle"]) == 0
 
 
 def test_checkpoint_of_another_method_is_refused(tmp_path, checkpoint, capsys):

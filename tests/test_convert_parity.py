@@ -43,7 +43,7 @@ def convert(tmp_path, checkpoint, model, img_size, sizes=TINY, extra=()):
     out = tmp_path / f"converted_{img_size}"
     argv = [
         "--checkpoint", str(checkpoint), "--model", model, "--out", str(out),
-        "--img-size", str(img_size), "--num-classes", str(NUM_CLASSES), *extra,
+        "--img_size", str(img_size), "--num_classes", str(NUM_CLASSES), *extra,
     ]  # fmt: skip
     for field, value in sizes.items():
         argv += [f"--{field.replace('_', '-')}", str(value)]

@@ -201,7 +201,7 @@ def test_sweep_command_writes_both_plots(tmp_path, capsys):
 
 
 def test_sweep_command_names_a_folder_without_runs(tmp_path, capsys):
-    assert visualize.main(["sweep", "--workdir", str(tmp_path), "--out", str(tmp_path)]) == 1
+    assert visualize.main(["sweep", "--workdir", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "no summary.json" in capsys.readouterr().err
 
 
@@ -217,7 +217,7 @@ def test_kept_and_attention_commands_on_a_converted_model(tmp_path):
         assert visualize.main(args) == 0
         assert open(out, "rb").read(8) == PNG_MAGIC
     # without --image a converted model has nothing to draw on
-    assert visualize.main(["kept", f"--workdir={model_dir}", "--out=x.png"]) == 1
+    assert visualize.main(["kept", f"--workdir={model_dir}", "--out=x.png"]) == 2
 
 
 def test_a_run_without_reduction_counts_as_keep_rate_one(tmp_path):

@@ -2,7 +2,7 @@
 
 Example:
   python tools/convert_timm_weights.py --checkpoint vit_b16_in21k.pth \
-      --model vit_base_patch16_224.orig_in21k --img-size 448 --num-classes 1938 \
+      --model vit_base_patch16_224.orig_in21k --img_size 448 --num_classes 1938 \
       --out pretrained/vit_b16_in21k_448
 """
 

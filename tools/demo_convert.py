@@ -23,7 +23,7 @@ from clca_jax.convert.cli import main as convert_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo_out")
-    parser.add_argument("--img-size", type=int, default=448)
+    parser.add_argument("--img_size", type=int, default=448)
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
@@ -35,7 +35,7 @@ def main() -> None:
     converted = os.path.join(args.out, "converted")
     code = convert_main(
         ["--checkpoint", checkpoint, "--model", "vit_tiny_patch16_224.augreg_in21k",
-         "--img-size", str(args.img_size), "--out", converted]
+         "--img_size", str(args.img_size), "--out", converted]
     )  # fmt: skip
     if code:
         raise SystemExit(code)

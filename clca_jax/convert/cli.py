@@ -1,4 +1,5 @@
-"""Command line of `tools/convert_timm_weights.py` (also `python -m clca_jax.convert.cli`)."""
+"""Command line of the converter: `clca-convert`, `python -m clca_jax.convert.cli` or, from a
+checkout, `python tools/convert_timm_weights.py`."""
 
 from __future__ import annotations
 
@@ -21,8 +22,17 @@ from clca_jax.models.config import NO_HEAD
 from clca_jax.pretrained import check_output_dir, save_pretrained
 
 
+def _add_argument(parser: argparse.ArgumentParser, flag: str, **options) -> None:
+    """`--flag_name`, the one spelling of every command's flags, and `--flag-name`, the
+    spelling of earlier versions, accepted but not shown."""
+    parser.add_argument(flag, **options)
+    hidden = {**options, "help": argparse.SUPPRESS, "dest": flag[2:]}
+    parser.add_argument(flag.replace("_", "-"), **hidden)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="clca-convert",
         description="Convert a timm (or OpenCLIP) PyTorch checkpoint into a clca_jax model "
         "directory (orbax variables + config.json).",
     )
@@ -47,33 +57,48 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace the converted model already in --out (other non-empty folders are refused)",
     )
-    parser.add_argument(
-        "--img-size", type=int, default=None, help="target image size (default: the backbone's)"
+    _add_argument(
+        parser,
+        "--img_size",
+        type=int,
+        default=None,
+        help="target image size (default: the backbone's)",
     )
-    parser.add_argument(
-        "--num-classes",
+    _add_argument(
+        parser,
+        "--num_classes",
         type=int,
         default=None,
         help="head outputs (default: the checkpoint head's, else 1000)",
     )
-    parser.add_argument(
-        "--embed-dim", type=int, default=None, help="size override for non-standard checkpoints"
+    _add_argument(
+        parser,
+        "--embed_dim",
+        type=int,
+        default=None,
+        help="size override for non-standard checkpoints",
     )
     parser.add_argument(
         "--depth", type=int, default=None, help="size override for non-standard checkpoints"
     )
-    parser.add_argument(
-        "--num-heads", type=int, default=None, help="size override for non-standard checkpoints"
+    _add_argument(
+        parser,
+        "--num_heads",
+        type=int,
+        default=None,
+        help="size override for non-standard checkpoints",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of freshly created parameters")
-    parser.add_argument(
-        "--trust-pickle",
+    _add_argument(
+        parser,
+        "--trust_pickle",
         action="store_true",
         help="also unpickle Python objects stored beside the tensors (trusted files only)",
     )
     parser.add_argument(
         "--verify", action="store_true", help="compare logits with the timm model (needs torch)"
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -134,10 +159,17 @@ def main(argv: list[str] | None = None) -> int:
             diff = compare_with_timm(timm_state, variables, config)
             print(f"verify: max |logits - timm logits| = {diff:.3g}")
     except (ConversionError, ValueError, OSError, ImportError) as error:
+        if args.debug:
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m clca_jax.convert.cli`, the `clca-convert` command."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

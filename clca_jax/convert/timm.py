@@ -104,7 +104,7 @@ def _load_torch_file(path: str, trust_pickle: bool) -> Mapping:
         if "weights_only" in str(error) and not trust_pickle:
             hint = (
                 " The file holds Python objects besides tensors (e.g. training arguments); if "
-                "you trust it, convert with --trust-pickle."
+                "you trust it, convert with --trust_pickle."
             )
         raise ConversionError(
             f"Cannot read {path} as a PyTorch checkpoint: {str(error).splitlines()[0]}{hint}"
@@ -241,7 +241,7 @@ def check_architecture(state: Mapping[str, np.ndarray], backbone: Backbone, mode
             f"The checkpoint does not fit --model {model_name}: " + "; ".join(differences) + ". "
             "Pick the timm name the checkpoint was trained with (see "
             "clca_jax.models.list_backbones()), or set the size overrides "
-            "(--embed-dim/--depth/--num-heads) for a non-standard size."
+            "(--embed_dim/--depth/--num_heads) for a non-standard size."
         )
 
 

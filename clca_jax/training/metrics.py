@@ -213,23 +213,34 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
-class _DropCheckpointInfo(logging.Filter):
-    """Drops orbax's per-save INFO lines, which would drown the progress lines, and its ERROR
-    records: each of those failures reaches our code as an exception, which is reported once
-    in one line (`training.checkpoint`), where orbax logs it again from every thread it passed
-    through, with a traceback each. Its warnings still show."""
+class _DropLibraryNoise(logging.Filter):
+    """Drops the library log lines that tell a user nothing they can act on:
+
+    - orbax's per-save INFO lines, which would drown the progress lines;
+    - orbax's ERROR records: each of those failures reaches our code as an exception, which is
+      reported once in one line (`training.checkpoint`), where orbax logs it again from every
+      thread it passed through, with a traceback each;
+    - orbax's warnings that a folder opened read-only (evaluation, pictures) will not be saved
+      to; its other warnings still show;
+    - JAX's note that it found no TPU (`Unable to initialize backend 'tpu'`), printed on every
+      CPU and GPU machine.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
-        return not from_orbax or logging.INFO < record.levelno < logging.ERROR
+        if f"{os.sep}orbax{os.sep}" in record.pathname:
+            if record.levelno == logging.WARNING:
+                return "read_only" not in str(record.msg) and "read only" not in str(record.msg)
+            return logging.INFO < record.levelno < logging.ERROR
+        return not str(record.msg).startswith("Unable to initialize backend")
 
 
-_CHECKPOINT_FILTER = _DropCheckpointInfo()
+_LIBRARY_NOISE = _DropLibraryNoise()
 
 
-def quiet_checkpoint_logs() -> None:
-    """Hides orbax's INFO and ERROR messages (warnings still show); idempotent."""
-    logging.getLogger("absl").addFilter(_CHECKPOINT_FILTER)
+def quiet_library_logs() -> None:
+    """Hides the log lines `_DropLibraryNoise` lists; idempotent."""
+    for name in ("absl", "jax._src.xla_bridge"):
+        logging.getLogger(name).addFilter(_LIBRARY_NOISE)
 
 
 def write_json(path: str, value: dict) -> None:
