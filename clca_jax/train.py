@@ -360,6 +360,8 @@ class Run:
       param_names: parameter paths, to name a non-finite gradient.
       preemption: tells the loop when to save and stop.
       events: the caller's hooks in the loop.
+      kept_picture: `variables -> RGB pixels` of the tokens each reduction block keeps, drawn
+        into TensorBoard at every evaluation; None for a model that does not reduce.
     """
 
     config: ml_collections.ConfigDict
@@ -372,6 +374,7 @@ class Run:
     param_names: list[str]
     preemption: PreemptionNotice
     events: LoopEvents = dataclasses.field(default_factory=LoopEvents)
+    kept_picture: Any = None
 
 
 def train_loop(run: Run, state: TrainState, mesh) -> TrainState:
@@ -451,7 +454,9 @@ def report_train(run: Run, progress, step: int, steps_per_epoch: int, running) -
     """Writes the running averages to TensorBoard and one progress line to the log."""
     scalars = metrics_lib.to_floats(running)
     scalars.update(progress.update(step))
-    run.writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+    run.writer.write_scalars(
+        step, {f"train/{k}": v for k, v in metrics_lib.in_percent(scalars).items()}
+    )
     epoch = -(-step // steps_per_epoch)
     logging.info(progress.line(step, epoch, run.config.train.epochs, scalars))
 
@@ -460,7 +465,7 @@ def evaluate_and_keep_best(run: Run, state: TrainState, step: int) -> dict[str, 
     """Evaluates, logs, and offers the model to the best-checkpoint keeper."""
     result = run.run_eval(state.variables())
     split = run.config.data.eval_split
-    scalars = {k: result[k] for k in ("loss", "top1", "top5")}
+    scalars = metrics_lib.in_percent({k: result[k] for k in ("loss", "top1", "top5")})
     run.writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
     logging.info(
         "eval on %s at step %d: top1 %.2f%% | top5 %.2f%% | loss %.4f | %d images",
@@ -472,7 +477,34 @@ def evaluate_and_keep_best(run: Run, state: TrainState, step: int) -> dict[str, 
         result["num_examples"],
     )
     run.checkpoints.save_best(step, state.variables(), scalars)
+    write_kept_picture(run, state, step)
     return result
+
+
+def write_kept_picture(run: Run, state: TrainState, step: int) -> None:
+    """The kept-token picture of the first evaluation image, into TensorBoard. A picture that
+    cannot be drawn is a warning: the run's numbers do not depend on it."""
+    if run.kept_picture is None or jax.process_index() != 0:
+        return
+    try:
+        pixels = run.kept_picture(jax.device_get(state.variables()))
+    except Exception as error:  # matplotlib, an unreadable image: any of them
+        logging.warning("no kept-token picture at step %d: %s", step, error)
+        return
+    run.writer.write_image(step, "eval/kept_tokens", pixels)
+
+
+def kept_picture_fn(model: VisionTransformer, config):
+    """`Run.kept_picture` for this model: None when it does not reduce tokens."""
+    if not model.method.reduces:
+        return None
+
+    def draw(variables: dict):
+        from clca_jax import visualize  # matplotlib, only for models that reduce
+
+        return visualize.kept_tokens_pixels(model, variables, config.data)
+
+    return draw
 
 
 def train_and_evaluate(
@@ -534,6 +566,7 @@ def _train_and_evaluate(config, model, workdir, preemption, events) -> dict:
         workdirs.warn_if_config_changed(workdir, config)
         metrics_lib.write_json(workdirs.run_config_path(workdir), json.loads(config.to_json()))
         writer = metrics_lib.MetricWriter(os.path.join(workdir, TENSORBOARD_DIR))
+        writer.write_text(int(state.step), "config", f"```json\n{config.to_json(indent=2)}\n```")
         logging.info(
             "%s: %d parameters, %d classes, %d steps (%d epochs of %d).",
             config.model.backbone,
@@ -560,6 +593,7 @@ def _train_and_evaluate(config, model, workdir, preemption, events) -> dict:
             param_names=leaf_names(state.params),
             preemption=preemption,
             events=events,
+            kept_picture=kept_picture_fn(model, config),
         )
         # Loop.
         events.before_loop(int(state.step))
@@ -574,6 +608,12 @@ def _train_and_evaluate(config, model, workdir, preemption, events) -> dict:
             result = evaluate_and_keep_best(run, state, total_steps)
         except evaluation.EvaluationStopped:
             raise Preempted(total_steps, workdir) from None
+        final = {k: result[k] for k in ("loss", "top1", "top5")}
+        writer.write_hparams(
+            total_steps,
+            metrics_lib.flat_hparams(config),
+            {f"hparam/{k}": v for k, v in metrics_lib.in_percent(final).items()},
+        )
     finally:
         # After a failed save, closing would wait on orbax's broken background writes (and
         # report them again); the process is about to end with the one error line.

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import jax
 import matplotlib
+import matplotlib.ticker
 import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
@@ -301,7 +302,37 @@ def plot_kept_tokens(rows: Sequence[KeptTokens]) -> Figure:
             ax.set_title(stage_title(block, slots, tokens_out, row.merging), fontsize=8)
         for ax in axes_row:
             ax.set_axis_off()
+    figure.legend(handles=kept_legend(any(row.merging for row in rows)), loc="outside lower center",
+                  ncols=2, fontsize=8, frameon=False)  # fmt: skip
     return figure
+
+
+def kept_legend(merging: bool) -> list:
+    """What the colours of `plot_kept_tokens` mean."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=DIMMED * 0.5 + (1 - DIMMED) * DROPPED_COLOR, label="dimmed: dropped")]
+    if merging:
+        handles.append(Patch(color=slot_colors(np.asarray([1]))[0], label="tint: merged token"))
+    else:
+        handles.append(Patch(facecolor="white", edgecolor="grey", label="as is: kept"))
+    return handles
+
+
+def figure_pixels(figure: Figure, dpi: int = 100) -> np.ndarray:
+    """The figure rendered as uint8 RGB [H, W, 3] (for TensorBoard)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    figure.set_dpi(dpi)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def kept_tokens_pixels(model, variables: dict, data_config, index: int = 0) -> np.ndarray:
+    """`plot_kept_tokens` of example `index` of the evaluation split, as RGB pixels."""
+    pixels = dataset_image(data_config, index, model.img_size)[0]
+    return figure_pixels(plot_kept_tokens([kept_tokens(model, variables, pixels)]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,7 +377,8 @@ def plot_cls_attention(pixels: np.ndarray, attention: np.ndarray, title: str = "
     shown = right.imshow(heat, cmap="inferno", alpha=0.6)
     draw_patch_grid(right, grid, pixels.shape[0])
     right.set_title(title or "CLS attention", fontsize=9)
-    figure.colorbar(shown, ax=right, shrink=0.8)
+    bar = figure.colorbar(shown, ax=right, shrink=0.8)
+    bar.set_label("CLS attention (head mean)", fontsize=8)
     for ax in (left, right):
         ax.set_axis_off()
     return figure
@@ -432,7 +464,10 @@ def plot_accuracy_vs_gmacs(summaries: Sequence[dict]) -> Figure:
     figure = _plot_series(
         series(summaries, "gmacs", "top1"), "GMACs per image", "top-1 (%)", annotate=True
     )
-    figure.axes[0].set_title("accuracy vs compute")
+    ax = figure.axes[0]
+    ax.set_title("accuracy vs compute")
+    # Small models cost a few hundredths of a GMAC: ticks with enough significant digits.
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:.3g}"))
     return figure
 
 

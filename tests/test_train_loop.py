@@ -4,8 +4,10 @@ The helpers here (`tiny_config`, `fabricated_folder`, `build`, `restore_state` a
 `compilation_cache` fixture) are shared by the other training tests.
 """
 
+import glob
 import json
 import os
+import struct
 
 import jax
 import numpy as np
@@ -183,3 +185,49 @@ def test_resume_with_another_batch_size_is_refused(data_dir, tmp_path):
     train.train_and_evaluate(tiny_config(data_dir, train__epochs=1), workdir)
     with pytest.raises(ValueError, match="global_batch_size"):
         train.train_and_evaluate(tiny_config(data_dir, train__batch_size=4), workdir)
+
+
+def tensorboard_events(workdir: str) -> list:
+    """Every event of the run's TensorBoard files (TFRecord framing read directly)."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(
+        glob.glob(os.path.join(workdir, "tensorboard", "**", "events.*"), recursive=True)
+    ):
+        with open(path, "rb") as f:
+            raw = f.read()
+        offset = 0
+        while offset < len(raw):
+            (length,) = struct.unpack("<Q", raw[offset : offset + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(raw[offset + 12 : offset + 12 + length])
+            events.append(event)
+            offset += 12 + length + 4
+    return events
+
+
+def test_accuracy_is_a_percentage_everywhere_and_tensorboard_has_config_and_pictures(
+    data_dir, tmp_path
+):
+    """Console, summary.json, TensorBoard and best/ give top-1 in one unit (%); TensorBoard
+    also holds the config text, the hyper-parameters and the kept-token picture."""
+    workdir = str(tmp_path / "run")
+    config = tiny_config(data_dir)
+    config.model.reduction.update(method="evit", keep_rate=0.5, locations=(1,))
+    summary = train.train_and_evaluate(config, workdir)
+    values = {}
+    tags = set()
+    for event in tensorboard_events(workdir):
+        for value in event.summary.value:
+            tags.add(value.tag)
+            if value.HasField("simple_value"):
+                values[value.tag] = value.simple_value
+    assert values["eval/top1"] == pytest.approx(summary["top1"], abs=1e-4)
+    assert values["hparam/top1"] == pytest.approx(summary["top1"], abs=1e-4)
+    assert 1 < summary["top1"] <= 100  # a percentage (at least one of 6 images right)
+    with open(os.path.join(workdir, "best", "6", "metrics", "metrics")) as f:
+        assert json.load(f)["top1"] == pytest.approx(summary["top1"], abs=1e-4)
+    assert "config/text_summary" in tags and "eval/kept_tokens" in tags
+    assert "_hparams_/experiment" in tags
+    assert os.listdir(os.path.join(workdir, "tensorboard"))[0].startswith("events.out.tfevents")

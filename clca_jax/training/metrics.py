@@ -161,9 +161,50 @@ class MetricWriter:
             self._writer.add_scalar(name, value, step)
         self._writer.flush()
 
+    def write_text(self, step: int, name: str, text: str) -> None:
+        """Markdown text (TensorBoard's Text tab)."""
+        if self._writer is not None:
+            self._writer.add_text(name, text, step)
+            self._writer.flush()
+
+    def write_image(self, step: int, name: str, pixels) -> None:
+        """A uint8 RGB [H, W, 3] image (TensorBoard's Images tab)."""
+        if self._writer is not None:
+            self._writer.add_image(name, pixels, step, dataformats="HWC")
+            self._writer.flush()
+
+    def write_hparams(self, step: int, hparams: dict, metrics: dict[str, float]) -> None:
+        """The run's settings beside its final metrics (TensorBoard's HParams tab), in the
+        run's own event file (tensorboardX's `add_hparams` would open a sub-folder per call)."""
+        if self._writer is None:
+            return
+        from tensorboardX.summary import hparams as hparams_summaries
+
+        for summary in hparams_summaries(hparams, metrics):
+            self._writer.file_writer.add_summary(summary)
+        self.write_scalars(step, metrics)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def flat_hparams(config) -> dict:
+    """The config's fields as `section.field` -> number, string or bool (what the HParams tab
+    takes; tuples become strings)."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix] = value
+        elif value is not None:
+            flat[prefix] = str(value)
+
+    walk("", config.to_dict())
+    return flat
 
 
 class Progress:
@@ -204,6 +245,15 @@ class Progress:
             parts.append(f"{scalars['steps_per_second']:.2f} steps/s")
             parts.append(f"ETA {format_duration(eta)}")
         return " | ".join(parts)
+
+
+PERCENT_METRICS = ("top1", "top5")
+
+
+def in_percent(scalars: dict[str, float]) -> dict[str, float]:
+    """`scalars` with the accuracies as percentages, the one unit of the console, TensorBoard,
+    `best/` and `summary.json` (the metrics compute fractions)."""
+    return {k: 100 * v if k in PERCENT_METRICS else v for k, v in scalars.items()}
 
 
 def format_duration(seconds: float) -> str:
