@@ -90,6 +90,7 @@ def make_input(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> In
         global_batch_size=config.train.batch_size,
         seed=config.seed,
         **processes,
+        **evaluation.normalization_kwargs(config.model),
     )
     loader = evaluation.eval_loader(config, img_size)
     return Input(train=train, eval=loader, info=data.dataset_info(config.data))

@@ -144,9 +144,10 @@ def dataset_image(data_config: ml_collections.ConfigDict, index: int, img_size: 
     return preprocess(record, img_size), int(record.label)
 
 
-def model_input(pixels: np.ndarray) -> np.ndarray:
-    """uint8 [S, S, 3] -> the normalised float32 batch [1, S, S, 3] the training loaders make."""
-    normalize = pipeline.Normalizer(data.IMAGENET_MEAN, data.IMAGENET_STD)
+def model_input(pixels: np.ndarray, model) -> np.ndarray:
+    """uint8 [S, S, 3] -> the normalised float32 batch [1, S, S, 3] the training loaders make
+    for `model` (its `model.normalization`)."""
+    normalize = pipeline.Normalizer(*model.input_normalization)
     return normalize(pixels)[None]
 
 
@@ -188,7 +189,9 @@ def forward(model, variables: dict, pixels: np.ndarray, attention_block: int | N
       (logits [C], kept: the `aux['kept']` arrays, the class token's attention float32
       [heads, N] or None).
     """
-    (logits, aux), state = _compiled_forward(model, attention_block)(variables, model_input(pixels))
+    (logits, aux), state = _compiled_forward(model, attention_block)(
+        variables, model_input(pixels, model)
+    )
     probs = None
     if attention_block is not None:
         captured = state["intermediates"][f"blocks_{attention_block}"]["attn"]["__call__"]
@@ -358,7 +361,8 @@ def cls_attention_map(model, variables: dict, pixels: np.ndarray, block: int | N
     if not 0 <= block < depth:
         raise ValueError(f"block={block} is outside the model's blocks 0..{depth - 1}.")
     _, kept, probs = forward(model, variables, pixels, attention_block=block)
-    row = probs.mean(axis=0)  # class-token query, head mean
+    # Class-token query, head mean; the register tokens are left out like the reductions do.
+    row = np.delete(probs.mean(axis=0), np.s_[1 : 1 + model.backbone.reg_tokens])
     slots = slots_before_block(model, patch_slots(model, kept), block)[0]
     values = np.where(slots >= 0, row[np.maximum(slots, 0)], np.nan)
     return values.reshape(model.grid, model.grid).astype(np.float32)

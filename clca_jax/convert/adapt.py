@@ -78,7 +78,7 @@ def adapt_pos_embed(
     Args:
       value: [1, num_prefix + side^2 + source_clr, D].
       grid: patches per side of the model.
-      num_prefix: class-token rows (0 with `no_embed_class`).
+      num_prefix: class- and register-token rows (0 with `no_embed_class`).
       source_clr: CLR rows at the end of `value`.
       target_clr: CLR rows the model needs.
       antialias: PyTorch's antialiased kernel (timm route) or not (OpenCLIP route).
@@ -97,8 +97,8 @@ def adapt_pos_embed(
     side = math.isqrt(max(patches, 0))
     if patches < 1 or side * side != patches or target_clr < 0:
         raise ValueError(
-            f"pos_embed has shape {tuple(value.shape)}, which is not {num_prefix} class-token "
-            f"row(s) + a square grid + {source_clr} CLR row(s); the checkpoint is of "
+            f"pos_embed has shape {tuple(value.shape)}, which is not {num_prefix} class/register "
+            f"token row(s) + a square grid + {source_clr} CLR row(s); the checkpoint is of "
             "another architecture (check the backbone name and the size overrides)."
         )
     resampled = resample_pos_embed(table, (grid, grid), num_prefix, antialias)

@@ -9,7 +9,7 @@ import time
 
 import ml_collections
 
-from clca_jax import config_files
+from clca_jax import config_files, normalization
 from clca_jax.convert.timm import (
     ConversionError,
     convert_state_dict,
@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="size override for non-standard checkpoints",
     )
+    parser.add_argument(
+        "--normalization",
+        choices=normalization.CHOICES,
+        default=None,
+        help="input normalisation recorded in the model's config (model.normalization; "
+        "default imagenet, as the reference; backbone: the constants of --model's tag)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of freshly created parameters")
     _add_argument(
         parser,
@@ -123,7 +130,7 @@ def model_config_from_args(args: argparse.Namespace, state: dict) -> ml_collecti
             config.img_size = get_backbone(args.model).img_size
     if args.img_size is not None:
         config.img_size = args.img_size
-    for field in ("embed_dim", "depth", "num_heads"):
+    for field in ("embed_dim", "depth", "num_heads", "normalization"):
         if getattr(args, field) is not None:
             config[field] = getattr(args, field)
     stored = checkpoint_classes(state, config.clca.head)

@@ -192,6 +192,8 @@ def describe_checkpoint(state: Mapping[str, np.ndarray]) -> dict:
     facts["pre_norm"] = "norm_pre.weight" in state
     facts["layer_scale"] = "blocks.0.ls1.gamma" in state
     facts["patch_bias"] = "patch_embed.proj.bias" in state
+    facts["reg_tokens"] = int(state["reg_token"].shape[1]) if "reg_token" in state else 0
+    facts["global_pool"] = "avg" if "fc_norm.weight" in state else "token"
     return facts
 
 
@@ -230,6 +232,8 @@ def check_architecture(state: Mapping[str, np.ndarray], backbone: Backbone, mode
         "pre_norm": backbone.pre_norm,
         "layer_scale": backbone.layer_scale is not None,
         "patch_bias": backbone.patch_bias,
+        "reg_tokens": backbone.reg_tokens,
+        "global_pool": backbone.global_pool,
     }
     differences = [
         f"{name}: checkpoint {facts[name]}, model {value}"
@@ -368,7 +372,7 @@ def convert_state_dict(
 
 def _unused_reason(key: str, model_config: ml_collections.ConfigDict) -> str | None:
     """Why a checkpoint key is deliberately left out, or None when it is unexpected."""
-    if key.startswith("head.") and model_config.clca.head != NO_HEAD:
+    if key.startswith(("head.", "fc_norm.")) and model_config.clca.head != NO_HEAD:
         return "the reference's unused classifier (the CLA/IFA head classifies)"
     if key.endswith("num_batches_tracked"):
         return "BatchNorm step counter (not needed)"
@@ -458,7 +462,7 @@ class _Converter:
     def _pos_embed(self, value: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
         """The checkpoint's embedding on the model's grid, with the model's CLR rows."""
         no_embed_class = self.model.backbone.no_embed_class
-        num_prefix = 0 if no_embed_class else 1
+        num_prefix = 0 if no_embed_class else self.model.backbone.num_prefix_tokens
         try:
             adapted, how = adapt_pos_embed(
                 value,

@@ -27,7 +27,10 @@ import functools
 import ml_collections
 
 from clca_jax.data import demo, folder, ufgir
-from clca_jax.data.pipeline import (
+from clca_jax.data.pipeline import EvalLoader, TrainLoader, normalization
+from clca_jax.data.records import BadImageError, LoadedData
+from clca_jax.data.splits import DataError
+from clca_jax.normalization import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,
@@ -35,12 +38,7 @@ from clca_jax.data.pipeline import (
     INCEPTION_MEAN,
     INCEPTION_STD,
     NORMALIZATION,
-    EvalLoader,
-    TrainLoader,
-    normalization,
 )
-from clca_jax.data.records import BadImageError, LoadedData
-from clca_jax.data.splits import DataError
 
 __all__ = [
     "CLIP_MEAN",

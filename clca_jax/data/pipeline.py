@@ -4,7 +4,8 @@ Preprocessing follows spec 6.2. Training: square bicubic resize to R = int(S / 0
 as torchvision's Resize does on PIL images), random S x S crop, horizontal flip with
 probability 0.5. Evaluation: the same resize, then the centre crop at offset
 `int(round((R - S) / 2))` (torchvision's CenterCrop). Images are converted to RGB first and
-come out as float32 NHWC, normalised with ImageNet mean/std unless told otherwise.
+come out as float32 NHWC, normalised with ImageNet mean/std unless told otherwise
+(`model.normalization`, resolved by `clca_jax.models.config.input_normalization`).
 
 Order and randomness are pure functions of the seed, so they do not depend on the number of
 processes, threads or restarts:
@@ -46,23 +47,14 @@ from PIL import Image
 
 from clca_jax.data import records
 from clca_jax.data.splits import DataError
+from clca_jax.normalization import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-INCEPTION_MEAN = (0.5, 0.5, 0.5)
-INCEPTION_STD = (0.5, 0.5, 0.5)
-NORMALIZATION = {
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-    "clip": (CLIP_MEAN, CLIP_STD),
-    "inception": (INCEPTION_MEAN, INCEPTION_STD),
-}
 CROP_FRACTION = 0.875
 
 
 def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std of a backbone family: `imagenet` (default), `clip` or `inception`."""
+    """Mean and std of a backbone family: `imagenet` (default), `clip`, `inception` or
+    `zero_one` (see `clca_jax.normalization`)."""
     if name not in NORMALIZATION:
         raise DataError(f"unknown normalisation {name!r}; choose one of {sorted(NORMALIZATION)}.")
     return NORMALIZATION[name]

@@ -5,7 +5,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from clca_jax.models.config import default_model_config, validate_model_config
+from clca_jax.models.config import (
+    default_model_config,
+    input_normalization,
+    validate_model_config,
+)
 from clca_jax.models.reduction import METHODS, NO_REDUCTION, Method, get_method, register_method
 from clca_jax.models.registry import Backbone, get_backbone, list_backbones
 from clca_jax.models.schedule import ClcaOptions, ReductionOptions, check_schedule
@@ -55,6 +59,7 @@ def create_model(
         clca=ClcaOptions(**model_config.clca.to_dict()),
         dtype=jnp.dtype(model_config.dtype),
         attention=model_config.attention,
+        input_normalization=input_normalization(model_config),
     )
     if check_cache:
         for train in (False, True):

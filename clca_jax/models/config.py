@@ -7,6 +7,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from clca_jax import normalization
 from clca_jax.models import registry
 from clca_jax.models.reduction import METHODS, NO_REDUCTION, get_method
 from clca_jax.models.reduction.ats import DISTANCES as ATS_DISTANCES
@@ -33,6 +34,7 @@ def default_model_config() -> ml_collections.ConfigDict:
             "num_classes": 1000,
             "dtype": "float32",
             "attention": "auto",
+            "normalization": normalization.DEFAULT,
             "embed_dim": config_dict.placeholder(int),
             "depth": config_dict.placeholder(int),
             "num_heads": config_dict.placeholder(int),
@@ -107,10 +109,33 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> registry.B
             f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got "
             f"{model_config.attention!r}."
         )
+    _validate_normalization(model_config)
     _validate_clca(model_config.clca)
     clca_used = clca_in_use(model_config.clca)
     _validate_reduction(model_config.reduction, backbone.depth, clca_used)
     return backbone
+
+
+def _validate_normalization(model_config: ml_collections.ConfigDict) -> None:
+    choice = model_config.normalization
+    if choice not in normalization.CHOICES:
+        raise ValueError(
+            f"model.normalization must be one of {', '.join(normalization.CHOICES)}, got "
+            f"{choice!r}."
+        )
+    if choice == normalization.BACKBONE:
+        registry.pretrained_normalization(model_config.backbone)  # needs the tag
+
+
+def input_normalization(model_config: ml_collections.ConfigDict) -> tuple[tuple, tuple]:
+    """The (mean, std) the input pipeline normalises with, from `model.normalization`.
+
+    `backbone` resolves to the constants of the weights `model.backbone`'s tag names.
+    """
+    choice = model_config.normalization
+    if choice == normalization.BACKBONE:
+        choice = registry.pretrained_normalization(model_config.backbone)
+    return normalization.NORMALIZATION[choice]
 
 
 def _validate_reduction(reduction: ml_collections.ConfigDict, depth: int, clca_used: bool) -> None:

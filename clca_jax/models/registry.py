@@ -3,8 +3,9 @@
 Users name backbones exactly as timm does, with or without the pretrained tag
 (`vit_base_patch16_224.orig_in21k`, `deit3_base_patch16_224.fb_in1k`,
 `vit_base_patch16_clip_224.laion2b`). The tag selects weights, never the architecture, so it is
-accepted as given. `tests/test_registry.py` checks every entry against the timm model of the same
-name.
+accepted as given; it does select the input normalisation the weights were trained with
+(`pretrained_normalization`). `tests/test_registry.py` checks every entry against the timm model
+of the same name, and every tag's normalisation against timm's pretrained configs.
 """
 
 from __future__ import annotations
@@ -39,7 +40,15 @@ class Backbone:
       patch_bias: whether the patch-embedding convolution has a bias (False for CLIP).
       no_embed_class: position embedding covers patches only; the class token gets none (DeiT-3).
       pre_norm: LayerNorm on the embedded sequence before the blocks (CLIP).
-      layer_scale: LayerScale initial value, or None without LayerScale (DeiT-3: 1e-6).
+      layer_scale: LayerScale initial value, or None without LayerScale (DeiT-3: 1e-6,
+        DINOv2: 1e-5).
+      reg_tokens: DINOv2's register tokens, after the class token and never reduced (timm
+        `reg_tokens`; not CLCA's CLR tokens).
+      global_pool: what the plain classifier reads: "token" (the class token after the final
+        LayerNorm) or "avg" (the mean of the tokens after the class and register tokens,
+        then the LayerNorm `fc_norm`; timm's `global_pool='avg'` with its default `fc_norm`).
+      normalization: the input normalisation of the family's weights (a key of
+        `clca_jax.data.NORMALIZATION`); some tags differ (`pretrained_normalization`).
     """
 
     name: str
@@ -55,6 +64,14 @@ class Backbone:
     no_embed_class: bool = False
     pre_norm: bool = False
     layer_scale: float | None = None
+    reg_tokens: int = 0
+    global_pool: str = "token"
+    normalization: str = "inception"
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """The class token and the register tokens (timm's `num_prefix_tokens`)."""
+        return 1 + self.reg_tokens
 
     @property
     def head_dim(self) -> int:
@@ -101,8 +118,14 @@ _BACKBONES: dict[str, Backbone] = {
     **_family(
         "deit_{size}_patch{patch}_{res}",
         [("tiny", 16, 224), ("small", 16, 224), ("base", 16, 224), ("base", 16, 384)],
+        normalization="imagenet",
     ),
-    **_family("vit_{size}_patch{patch}_{res}_miil", [("base", 16, 224)], qkv_bias=False),
+    **_family(
+        "vit_{size}_patch{patch}_{res}_miil",
+        [("base", 16, 224)],
+        qkv_bias=False,
+        normalization="zero_one",
+    ),
     **_family(
         "deit3_{size}_patch{patch}_{res}",
         [
@@ -117,6 +140,7 @@ _BACKBONES: dict[str, Backbone] = {
         ],
         no_embed_class=True,
         layer_scale=1e-6,
+        normalization="imagenet",
     ),
     **_family(
         "vit_{size}_patch{patch}_clip_{res}",
@@ -130,8 +154,50 @@ _BACKBONES: dict[str, Backbone] = {
         pre_norm=True,
         ln_eps=1e-5,
         patch_bias=False,
+        normalization="clip",
+    ),
+    # DINOv2 (lvd142m): LayerScale, patch 14, weights trained on a 37 x 37 grid (518 px).
+    **_family(
+        "vit_{size}_patch{patch}_dinov2",
+        [("small", 14, 518), ("base", 14, 518), ("large", 14, 518)],
+        layer_scale=1e-5,
+        normalization="imagenet",
+    ),
+    # DINOv2 with 4 register tokens; neither they nor the class token get a position embedding.
+    **_family(
+        "vit_{size}_patch{patch}_reg4_dinov2",
+        [("small", 14, 518), ("base", 14, 518), ("large", 14, 518)],
+        layer_scale=1e-5,
+        reg_tokens=4,
+        no_embed_class=True,
+        normalization="imagenet",
+    ),
+    # EVA-L (MIM pretrained, fine-tuned): a class token, but classified from the mean token.
+    **_family(
+        "eva_{size}_patch{patch}_{res}",
+        [("large", 14, 196), ("large", 14, 336)],
+        global_pool="avg",
+        normalization="clip",
     ),
 }
+
+# Tags whose weights were trained with other constants than their family's (timm's pretrained
+# configs); `tests/test_registry.py` checks every tag timm lists for a registered name.
+_TAG_NORMALIZATION = {"dino": "imagenet", "mae": "imagenet", "bamboo": "clip"}
+_NAME_TAG_NORMALIZATION = {
+    f"vit_large_patch14_clip_{res}.laion2b{tune}": "inception"
+    for res, tune in [
+        (224, ""),
+        (224, "_ft_in1k"),
+        (224, "_ft_in12k"),
+        (224, "_ft_in12k_in1k"),
+        (336, "_ft_in1k"),
+        (336, "_ft_in12k_in1k"),
+    ]
+}
+
+# Families without a class token, which CLCA needs (README, "Backbones without a class token").
+_NO_CLASS_TOKEN = ("siglip", "_gap_", "_gap", "_map_", "aimv2", "_rpn_")
 
 
 def split_tag(backbone: str) -> tuple[str, str]:
@@ -147,6 +213,13 @@ def get_backbone(backbone: str) -> Backbone:
       ValueError: the name is not registered; the message lists close names.
     """
     name, _ = split_tag(backbone)
+    if name not in _BACKBONES and any(part in name for part in _NO_CLASS_TOKEN):
+        raise ValueError(
+            f"Backbone {backbone!r} has no class token (timm class_token=False, a 'map' or "
+            "'avg' pooled head), which CLCA needs: its CLA head reads the class token at "
+            "several depths and the token reductions rank tokens by class attention; pick a "
+            "backbone with a class token (see clca_jax.models.list_backbones())."
+        )
     if name not in _BACKBONES:
         family = name.split("_")[0]
         close = sorted(n for n in _BACKBONES if n.startswith(family)) or sorted(_BACKBONES)
@@ -156,6 +229,23 @@ def get_backbone(backbone: str) -> Backbone:
             f"{', '.join(close)}."
         )
     return _BACKBONES[name]
+
+
+def pretrained_normalization(backbone: str) -> str:
+    """The normalisation (a key of `clca_jax.data.NORMALIZATION`) of a `name.tag`'s weights.
+
+    Raises:
+      ValueError: the name has no tag, so the weights (and their constants) are unknown.
+    """
+    name, tag = split_tag(backbone)
+    arch = get_backbone(name)
+    if not tag:
+        raise ValueError(
+            f"model.normalization='backbone' needs the pretrained tag in model.backbone, "
+            f"which selects the weights and so their constants; got {backbone!r} (e.g. "
+            f"'{name}.<tag>', a timm pretrained tag)."
+        )
+    return _NAME_TAG_NORMALIZATION.get(backbone, _TAG_NORMALIZATION.get(tag, arch.normalization))
 
 
 def list_backbones() -> list[str]:

@@ -70,7 +70,11 @@ class TokenSchedule:
       blocks: one plan per block.
       num_patches: patch tokens P.
       recovery_layers: blocks after which the cache is emptied into the sequence.
-      pool_start: first token of the GAP range (0 with `pool_cls`, else 1).
+      pool_start: first token of the GAP range (0 with `pool_cls`, else the first token
+        after the class and register tokens).
+      include_gap: the cache holds a GAP token.
+      num_registers: the backbone's register tokens after CLS (DINOv2), hidden from the
+        reduction steps: a `Stage`'s counts leave them out.
     """
 
     blocks: tuple[BlockPlan, ...]
@@ -78,6 +82,7 @@ class TokenSchedule:
     recovery_layers: tuple[int, ...]
     pool_start: int
     include_gap: bool
+    num_registers: int = 0
 
     @property
     def empty_gap_blocks(self) -> tuple[int, ...]:
@@ -122,8 +127,13 @@ def build_schedule(
     reduction: ReductionOptions,
     clca: ClcaOptions,
     train: bool,
+    num_registers: int = 0,
 ) -> TokenSchedule:
     """Walks the blocks once, in Python, exactly as the reference forward pass does.
+
+    Register tokens (`num_registers`, after CLS) attend and feed forward like any token but
+    are never reduced: each reduction step sees the sequence without them (its `Stage` counts
+    exclude them), and they are put back after CLS.
 
     Raises:
       ValueError: a method asked for more tokens than exist.
@@ -132,11 +142,11 @@ def build_schedule(
     locations = tuple(reduction.locations) if method.reduces else ()
     cls_locations = tuple(reduction.locations) + (depth - 1,)
     recovery = recovery_layers(depth, reduction.locations, clca)
-    pool_start = 0 if clca.pool_cls else 1
+    pool_start = 0 if clca.pool_cls else 1 + num_registers
     num_clr = clca.num_clr
     protect = clca.protect_cache or method.protects_suffix
 
-    length = 1 + num_patches + num_clr
+    length = 1 + num_registers + num_patches + num_clr
     pool_end = length - num_clr if (num_clr and not clca.pool_clr) else length
     protected = num_clr if protect else 0
     pending = 0  # tokens waiting in the cache
@@ -150,17 +160,18 @@ def build_schedule(
                 keep_rate=float(reduction.keep_rate),
                 num_patches=num_patches,
                 num_clr=num_clr,
-                tokens_in=length,
+                tokens_in=length - num_registers,
                 protected=protected,
                 train=train,
                 clc=clca.clc,
             )
-            stage = Stage(context.stage, index, method.plan(context), length, protected)
+            plan = method.plan(context)
+            stage = Stage(context.stage, index, plan, length - num_registers, protected)
         if stage and method.placement == "before":
-            length = stage.plan.tokens_out
+            length = stage.plan.tokens_out + num_registers
         attn_tokens = length
         if stage and method.placement == "inside":
-            length = stage.plan.tokens_out
+            length = stage.plan.tokens_out + num_registers
         mlp_tokens = length
 
         recovered = 0
@@ -185,7 +196,9 @@ def build_schedule(
                 collect_cls=clca.head != NO_HEAD and index in cls_locations,
             )
         )
-    return TokenSchedule(tuple(blocks), num_patches, recovery, pool_start, clca.include_gap)
+    return TokenSchedule(
+        tuple(blocks), num_patches, recovery, pool_start, clca.include_gap, num_registers
+    )
 
 
 def check_schedule(schedule: TokenSchedule, model_config) -> None:

@@ -33,6 +33,8 @@ from clca_jax.models.schedule import (
     TokenSchedule,
     build_schedule,
 )
+from clca_jax.normalization import DEFAULT as DEFAULT_NORMALIZATION
+from clca_jax.normalization import NORMALIZATION
 
 Dtype = Any
 
@@ -51,6 +53,56 @@ class AttentionOutput:
     cls_probs: jax.Array
     keys: jax.Array
     values: jax.Array
+
+    def without_registers(self, count: int) -> AttentionOutput:
+        """The internals of every token but the `count` register tokens after CLS."""
+        return AttentionOutput(
+            cls_probs=drop_registers(self.cls_probs, count, axis=2),
+            keys=drop_registers(self.keys, count, axis=2),
+            values=drop_registers(self.values, count, axis=2),
+        )
+
+
+def drop_registers(x: jax.Array, count: int, axis: int = 1) -> jax.Array:
+    """`x` without the `count` entries after the class token along `axis`."""
+    head = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
+    rest = jax.lax.slice_in_dim(x, 1 + count, x.shape[axis], axis=axis)
+    return jnp.concatenate([head, rest], axis=axis)
+
+
+def reduce_beside_registers(
+    reducer: nn.Module, tokens: Tokens, attention, train: bool, count: int
+) -> Reduced:
+    """Runs a reduction step on the sequence without its register tokens, then puts them back
+    after CLS, so no method can drop or merge them (timm's `num_prefix_tokens`)."""
+    if not count:
+        return reducer(tokens, attention, train)
+    registers = tokens.x[:, 1 : 1 + count]
+    hidden = jax.tree.map(lambda state: drop_registers(state, count), tokens)
+    if attention is not None:
+        attention = attention.without_registers(count)
+    reduced = reducer(hidden, attention, train)
+    return reduced._replace(tokens=with_registers(reduced.tokens, registers))
+
+
+def with_registers(tokens: Tokens, registers: jax.Array) -> Tokens:
+    """`tokens` with `registers` inserted after CLS; their state is the class token's (size 1,
+    valid, present, kept)."""
+    count = registers.shape[1]
+
+    def insert(state, value):
+        if state is None:
+            return None
+        fill = jnp.full((state.shape[0], count), value, state.dtype)
+        return jnp.concatenate([state[:, :1], fill, state[:, 1:]], axis=1)
+
+    return Tokens(
+        x=jnp.concatenate([tokens.x[:, :1], registers, tokens.x[:, 1:]], axis=1),
+        size=insert(tokens.size, 1.0),
+        valid=insert(tokens.valid, True),
+        decision=insert(tokens.decision, 1.0),
+        present=insert(tokens.present, True),
+    )
 
 
 class PatchEmbed(nn.Module):
@@ -330,9 +382,12 @@ class VisionTransformer(nn.Module):
       reduction: token reduction method, keep rate and locations.
       clca: CLA head and Cross-Layer Cache options; `clca.num_clr` register (CLR) tokens are
         appended after the patches, initialised from the class token, with position-embedding
-        rows unless `no_embed_class`.
+        rows unless `no_embed_class`. The sequence is [CLS, DINOv2 register tokens (the
+        backbone's `reg_tokens`), patches, CLR]; reductions never touch the first two.
       dtype: matmul dtype.
       attention: `model.attention`: how attention runs (per_image, batched or auto).
+      input_normalization: (mean, std) the images are normalised with before the model
+        (`model.normalization`); the model itself reads normalised images.
     """
 
     backbone: Backbone
@@ -342,6 +397,7 @@ class VisionTransformer(nn.Module):
     clca: ClcaOptions = ClcaOptions()
     dtype: Dtype = jnp.float32
     attention: str = "auto"
+    input_normalization: tuple = NORMALIZATION[DEFAULT_NORMALIZATION]
 
     @property
     def grid(self) -> int:
@@ -372,7 +428,12 @@ class VisionTransformer(nn.Module):
     def token_schedule(self, train: bool = False) -> TokenSchedule:
         """The per-block token counts this model runs with in the given mode."""
         return cached_schedule(
-            self.backbone.depth, self.num_patches, self.reduction, self.clca, train
+            self.backbone.depth,
+            self.num_patches,
+            self.reduction,
+            self.clca,
+            train,
+            self.backbone.reg_tokens,
         )
 
     @nn.compact
@@ -404,14 +465,17 @@ class VisionTransformer(nn.Module):
                 # Named `reduction_{stage}`: the converter relies on it.
                 name = f"reduction_{plan.stage.index}"
                 reducer = method.build(plan.stage, self.reduction, name)
+            registers = self.backbone.reg_tokens
             if reducer is not None and method.placement == "before":
-                tokens = self.record(reducer(tokens, None, train), kept, losses)
+                reduced = reduce_beside_registers(reducer, tokens, None, train, registers)
+                tokens = self.record(reduced, kept, losses)
             policy = tokens.decision if (train and tokens.decision is not None) else None
             x, attention = block.attend(tokens.x, tokens.attention_bias(), policy)
             tokens = tokens.replace(x=x)
             attn_tokens = x.shape[1]
             if reducer is not None and method.placement == "inside":
-                tokens = self.record(reducer(tokens, attention, train), kept, losses)
+                reduced = reduce_beside_registers(reducer, tokens, attention, train, registers)
+                tokens = self.record(reduced, kept, losses)
             counts.append((attn_tokens, tokens.length))
             tokens = tokens.replace(x=block.feed_forward(tokens.x))
             if plan.recovered:
@@ -431,8 +495,7 @@ class VisionTransformer(nn.Module):
                 cls_tokens.append(tokens.x[:, 0])
 
         if self.clca.head == NO_HEAD:
-            x = nn.LayerNorm(epsilon=self.backbone.ln_eps, dtype=jnp.float32, name="norm")(tokens.x)
-            features = x[:, 0]
+            features = self.pool(tokens)
             logits = self.classifier(features)
         else:
             features = jnp.stack(cls_tokens, axis=1)  # [B, depths, D]
@@ -456,6 +519,25 @@ class VisionTransformer(nn.Module):
             losses.append(reduced.loss)
         return reduced.tokens
 
+    def pool(self, tokens: Tokens) -> jax.Array:
+        """What the plain classifier reads (`backbone.global_pool`, as timm).
+
+        "token": the class token after the final LayerNorm `norm`. "avg": the mean of the
+        tokens after the class and register tokens (ATS padding slots left out), then the
+        LayerNorm `fc_norm`; there is no `norm`.
+        """
+        arch = self.backbone
+        if arch.global_pool == "token":
+            x = nn.LayerNorm(epsilon=arch.ln_eps, dtype=jnp.float32, name="norm")(tokens.x)
+            return x[:, 0]
+        body = tokens.x[:, arch.num_prefix_tokens :]
+        if tokens.valid is None:
+            pooled = jnp.mean(body, axis=1)
+        else:
+            weight = tokens.valid[:, arch.num_prefix_tokens :, None].astype(body.dtype)
+            pooled = jnp.sum(body * weight, axis=1) / jnp.sum(weight, axis=1)
+        return nn.LayerNorm(epsilon=arch.ln_eps, dtype=jnp.float32, name="fc_norm")(pooled)
+
     def classifier(self, features: jax.Array) -> jax.Array:
         """Linear head with PyTorch's default init, as a freshly reset timm head has."""
         width = features.shape[-1]
@@ -468,10 +550,10 @@ class VisionTransformer(nn.Module):
         )(features).astype(jnp.float32)
 
     def embed(self, images: jax.Array) -> jax.Array:
-        """Patch embedding, class token, CLR tokens and position embedding.
+        """Patch embedding, class token, register tokens, CLR tokens and position embedding.
 
-        With `no_embed_class` (DeiT-3) the position embedding covers the patches only;
-        otherwise it covers the whole sequence, CLR tokens included.
+        With `no_embed_class` (DeiT-3, DINOv2 with registers) the position embedding covers
+        the patches only; otherwise it covers the whole sequence, CLR tokens included.
         """
         arch = self.backbone
         width = arch.embed_dim
@@ -486,6 +568,11 @@ class VisionTransformer(nn.Module):
         batch = x.shape[0]
         cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, width))
         prefix = [jnp.broadcast_to(cls_token, (batch, 1, width))]
+        if arch.reg_tokens:
+            reg_token = self.param(
+                "reg_token", nn.initializers.normal(1e-6), (1, arch.reg_tokens, width)
+            )
+            prefix.append(jnp.broadcast_to(reg_token, (batch, arch.reg_tokens, width)))
         suffix = []
         if self.num_clr:
             # CLCA initialises its CLR tokens as copies of the class token.
@@ -499,7 +586,7 @@ class VisionTransformer(nn.Module):
             pos_embed = self.param("pos_embed", trunc_normal, (1, self.num_patches, width))
             x = jnp.concatenate(prefix + [x + pos_embed] + suffix, axis=1)
         else:
-            length = 1 + self.num_patches + self.num_clr
+            length = arch.num_prefix_tokens + self.num_patches + self.num_clr
             pos_embed = self.param("pos_embed", trunc_normal, (1, length, width))
             x = jnp.concatenate(prefix + [x] + suffix, axis=1) + pos_embed
         if arch.pre_norm:
@@ -508,5 +595,5 @@ class VisionTransformer(nn.Module):
 
 
 @functools.lru_cache(maxsize=64)
-def cached_schedule(depth, num_patches, reduction, clca, train) -> TokenSchedule:
-    return build_schedule(depth, num_patches, reduction, clca, train)
+def cached_schedule(depth, num_patches, reduction, clca, train, registers) -> TokenSchedule:
+    return build_schedule(depth, num_patches, reduction, clca, train, registers)

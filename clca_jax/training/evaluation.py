@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from clca_jax import data, flops
+from clca_jax.models.config import input_normalization
 from clca_jax.training import metrics as metrics_lib
 from clca_jax.training import sharding
 
@@ -31,7 +32,14 @@ def eval_loader(config: ml_collections.ConfigDict, img_size: int) -> data.EvalLo
         global_batch_size=config.eval.batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        **normalization_kwargs(config.model),
     )
+
+
+def normalization_kwargs(model_config: ml_collections.ConfigDict) -> dict:
+    """The loaders' `mean` and `std`, from `model.normalization` (ImageNet's by default)."""
+    mean, std = input_normalization(model_config)
+    return {"mean": mean, "std": std}
 
 
 def apply_model(model, variables: dict, images, *, train: bool, key):
