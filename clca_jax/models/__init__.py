@@ -55,6 +55,8 @@ def create_model(
         clca=ClcaOptions(**model_config.clca.to_dict()),
         dtype=jnp.dtype(model_config.dtype),
         attention=model_config.attention,
+        drop_path_rate=float(model_config.drop_path_rate),
+        dropout_rate=float(model_config.dropout_rate),
     )
     if check_cache:
         for train in (False, True):
