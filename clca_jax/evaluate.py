@@ -2,6 +2,8 @@
 
     # a training workdir (its saved config; the latest checkpoint, or --checkpoint=best)
     python -m clca_jax.evaluate --workdir=runs/demo
+    # the moving average of the weights of a run with train.ema_decay > 0
+    python -m clca_jax.evaluate --workdir=runs/demo --weights=ema
     # a converted model directory (tools/convert_timm_weights.py --out DIR): the data, eval
     # and mesh sections come from a config file
     python -m clca_jax.evaluate --workdir=pretrained/clca_soyglobal \
@@ -23,7 +25,7 @@ from absl import app, flags, logging
 from clca_jax import commands, config_files, data, pretrained, user_errors
 from clca_jax.training import checkpoint, evaluation, sharding, workdirs
 from clca_jax.training import metrics as metrics_lib
-from clca_jax.training.config import parse_flags, validate_config
+from clca_jax.training.config import EVAL_WEIGHTS, parse_flags, validate_config
 
 
 def define_flags() -> None:
@@ -42,6 +44,14 @@ def define_flags() -> None:
     flags.DEFINE_enum(
         "checkpoint", "latest", ["latest", "best"], "Which checkpoint of a training workdir."
     )
+    flags.DEFINE_enum(
+        "weights",
+        None,
+        list(EVAL_WEIGHTS),
+        "Which weights of a training workdir's latest checkpoint: raw, or ema (their moving "
+        "average; the run needs train.ema_decay > 0). Default: the run's eval.select, the "
+        "weights best/ keeps.",
+    )
 
 
 def evaluate_directory(
@@ -49,6 +59,7 @@ def evaluate_directory(
     config: ml_collections.ConfigDict | None = None,
     split: str | None = None,
     which: str = "latest",
+    weights: str | None = None,
 ) -> dict:
     """Evaluates the model in `directory` and returns the summary.
 
@@ -58,6 +69,8 @@ def evaluate_directory(
         (required); for a workdir, optional replacement of those sections.
       split: the split to evaluate; default `config.data.eval_split`.
       which: `latest` or `best` checkpoint of a training workdir.
+      weights: `raw` or `ema` weights of a training workdir; default the run's `eval.select`
+        (`best/` holds only those).
 
     Raises:
       FileNotFoundError: `directory` is neither kind, or lacks its checkpoint.
@@ -81,12 +94,13 @@ def evaluate_directory(
     if split:
         config.data.eval_split = split
     model = validate_config(config)
+    weights = _check_weights(config, source, weights)
     sharding.initialize_distributed(config.mesh.heartbeat_timeout_seconds)
     metrics_lib.quiet_library_logs()
     mesh = sharding.make_mesh(_mesh_for_this_machine(config.mesh))
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     _check_classes(config)
-    variables, step = load_variables(directory, source, model, mesh)
+    variables, step = load_variables(directory, source, model, mesh, weights)
     eval_fn = evaluation.compile_eval_step(model, sharding.tree_shardings(variables, mesh), mesh)
     loader = evaluation.eval_loader(config, model.img_size)
     result = evaluation.evaluate(eval_fn, variables, loader, mesh, evaluation.eval_key(config.seed))
@@ -98,7 +112,28 @@ def evaluate_directory(
         model_dir=directory,
         checkpoint=source,
         step=step,
+        weights=weights,
     )
+
+
+def _check_weights(config, source: str, weights: str | None) -> str:
+    """The weights to evaluate; refuses the average of a run without one, and weights that
+    `best/` does not hold."""
+    if source == "converted":
+        return "raw"
+    selected = config.eval.select
+    weights = weights or selected
+    if weights == "ema" and not config.train.ema_decay:
+        raise ValueError(
+            "--weights=ema: this run kept no moving average of its weights "
+            "(train.ema_decay=0); evaluate --weights=raw."
+        )
+    if source == "best" and weights != selected:
+        raise ValueError(
+            f"--weights={weights}: best/ holds the {selected} weights (eval.select={selected!r} "
+            f"in training); use --checkpoint=latest for the {weights} weights."
+        )
+    return weights
 
 
 def workdir_config(directory: str, override) -> ml_collections.ConfigDict:
@@ -140,9 +175,9 @@ def _check_classes(config) -> None:
         )
 
 
-def load_variables(directory, source, model, mesh) -> tuple[dict, int | None]:
+def load_variables(directory, source, model, mesh, weights="raw") -> tuple[dict, int | None]:
     """The model variables on the mesh, and the training step they come from (no optimizer
-    state is built or read)."""
+    state is built or read); `weights='ema'` reads the latest checkpoint's moving average."""
     if source == "converted":
         _, variables = pretrained.load_pretrained(directory)
         host = jax.tree.map(jax.device_get, variables)
@@ -157,7 +192,8 @@ def load_variables(directory, source, model, mesh) -> tuple[dict, int | None]:
         step = checkpoints.latest_step()
         if step is None:
             raise FileNotFoundError(f"{directory}/{checkpoint.LATEST_DIR} holds no checkpoint.")
-        return checkpoints.restore_variables(abstract, step), step
+        part = "ema" if weights == "ema" else ""
+        return checkpoints.restore_variables(abstract, step, part=part), step
     finally:
         checkpoints.close()
 
@@ -167,7 +203,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     FLAGS = flags.FLAGS
     with user_errors.reported(FLAGS.debug):
-        summary = evaluate_directory(FLAGS.workdir, FLAGS.config, FLAGS.split, FLAGS.checkpoint)
+        summary = evaluate_directory(
+            FLAGS.workdir, FLAGS.config, FLAGS.split, FLAGS.checkpoint, FLAGS.weights
+        )
     logging.info(evaluation.summary_line(summary))
     print(json.dumps(summary, indent=2, sort_keys=True))
 

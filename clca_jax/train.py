@@ -8,7 +8,8 @@ its checks), `preemption` (SIGTERM), `warm_start`, `checkpoint`, `sharding`, `op
 
 Randomness: one seed. The initial parameters use `fold_in(key(seed), 0)`; the train state
 carries the base key `fold_in(key(seed), 1)` and step `s` draws its token-reduction noise from
-`fold_in(base, s)`, so a resumed run repeats the uninterrupted one; evaluation batch `i` uses
+`fold_in(base, s)` (dropout and stochastic depth from `fold_in` of that key, see
+`evaluation.apply_model`), so a resumed run repeats the uninterrupted one; evaluation batch `i` uses
 `fold_in(fold_in(key(seed), 2), i)`. The data order and augmentation are the loader's, seeded
 with the same seed and resumed from its saved position.
 
@@ -42,7 +43,7 @@ from absl import logging
 
 from clca_jax import data, pretrained
 from clca_jax.models import VisionTransformer
-from clca_jax.training import checkpoint, evaluation, optim, sharding, workdirs
+from clca_jax.training import checkpoint, ema, evaluation, losses, optim, sharding, workdirs
 from clca_jax.training import metrics as metrics_lib
 from clca_jax.training.config import validate_config
 from clca_jax.training.evaluation import SUMMARY_FILE, apply_model
@@ -163,9 +164,15 @@ def load_init_checkpoint(
 
 
 def make_optimizer(config: ml_collections.ConfigDict, model: VisionTransformer, steps_per_epoch):
-    """AdamW with the reference mask and its per-epoch schedule; returns (tx, schedule)."""
+    """The configured optimizer (AdamW with the reference mask by default) and its schedule;
+    returns (tx, schedule)."""
+    note = optim.shortened_schedule_note(config.optim, config.train.epochs)
+    if note:
+        logging.info(note)
     schedule = optim.learning_rate_schedule(config.optim, config.train.epochs, steps_per_epoch)
-    tx = optim.adamw(config.optim, schedule, decay_clr=model.method.decays_clr)
+    tx = optim.make_optimizer(
+        config.optim, schedule, model.backbone.depth, decay_clr=model.method.decays_clr
+    )
     return tx, schedule
 
 
@@ -198,30 +205,56 @@ class TrainState:
         return {"params": self.params}
 
 
-def _new_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+    """The train state of a run with `train.ema_decay > 0`: a separate class, so that the
+    checkpoints of runs without the average keep their layout.
+
+    Attributes:
+      ema: the moving average of `variables()` (same tree).
+    """
+
+    ema: Any
+
+
+def _new_state(
+    variables: dict, tx: optax.GradientTransformation, seed: int, with_ema: bool = False
+) -> TrainState:
     params = variables["params"]
     base_key = jax.random.fold_in(jax.random.key(seed), TRAIN_STREAM)
-    return TrainState(
+    state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
         rng=jax.random.key_data(base_key),
     )
+    if not with_ema:
+        return state
+    average = jax.tree.map(jnp.copy, state.variables())
+    return EmaTrainState(
+        **{f.name: getattr(state, f.name) for f in dataclasses.fields(state)}, ema=average
+    )
 
 
-def abstract_train_state(model, tx, seed: int, mesh: jax.sharding.Mesh):
+def abstract_train_state(model, tx, seed: int, mesh: jax.sharding.Mesh, with_ema: bool = False):
     """Shapes, dtypes and shardings of the train state, without allocating it."""
     init = model_init_fn(model)
-    shapes = jax.eval_shape(lambda key: _new_state(init(key), tx, seed), jax.random.key(seed))
+    shapes = jax.eval_shape(
+        lambda key: _new_state(init(key), tx, seed, with_ema), jax.random.key(seed)
+    )
     return checkpoint.abstract_like(shapes, sharding.tree_shardings(shapes, mesh))
 
 
 def create_train_state(
-    variables: dict, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh
+    variables: dict,
+    tx: optax.GradientTransformation,
+    seed: int,
+    mesh: jax.sharding.Mesh,
+    with_ema: bool = False,
 ) -> TrainState:
     """Step 0 of training from the given variables (consumed), every leaf on its sharding."""
-    create = functools.partial(_new_state, tx=tx, seed=seed)
+    create = functools.partial(_new_state, tx=tx, seed=seed, with_ema=with_ema)
     shardings = sharding.tree_shardings(jax.eval_shape(create, variables), mesh)
     return jax.jit(create, out_shardings=shardings, donate_argnums=0)(variables)
 
@@ -238,14 +271,19 @@ def initial_state(config, model, tx, mesh, workdir: str) -> TrainState:
                 f.write("\n".join(report) + "\n")
     else:
         logging.info("init: from scratch (config.init.checkpoint is empty).")
-    return create_train_state(variables, tx, config.seed, mesh)
+    return create_train_state(variables, tx, config.seed, mesh, with_ema=uses_ema(config))
+
+
+def uses_ema(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run keeps a moving average of the weights."""
+    return config.train.ema_decay > 0
 
 
 def restore_or_create_state(config, model, tx, mesh, checkpoints, train_loader, workdir: str):
     """The latest checkpoint of the workdir with its input position, or a new state."""
     if checkpoints.latest_step() is None:
         return initial_state(config, model, tx, mesh, workdir)
-    abstract = abstract_train_state(model, tx, config.seed, mesh)
+    abstract = abstract_train_state(model, tx, config.seed, mesh, with_ema=uses_ema(config))
     state, loader_state = checkpoints.restore(abstract)
     if int(loader_state["step"]) != int(state.step):
         raise ValueError(
@@ -262,11 +300,12 @@ def restore_or_create_state(config, model, tx, mesh, checkpoints, train_loader, 
 # Steps.
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, schedule):
+def train_step(state: TrainState, batch: dict, *, model, tx, schedule, recipe: Recipe):
     """One optimizer step on a global batch; returns the new state and its metrics.
 
-    The loss is the mean cross-entropy plus the model's `aux['extra_loss']` (DynamicViT's ratio
-    loss), when it reports one.
+    The loss is the mean cross-entropy (against `batch['soft_label']` when the batch has it,
+    with `recipe.label_smoothing`) plus the model's `aux['extra_loss']` (DynamicViT's ratio
+    loss), when it reports one. With `recipe.ema_decay > 0` the weight average follows the step.
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
@@ -275,7 +314,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule):
         logits, aux, batch_stats = apply_model(
             model, variables, batch["image"], train=True, key=key
         )
-        cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        cross_entropy = losses.cross_entropy(
+            logits, losses.targets_of(batch), recipe.label_smoothing
+        )
         loss = cross_entropy.mean() + aux.get("extra_loss", 0.0)
         return loss, (logits, batch_stats)
 
@@ -286,6 +327,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule):
         batch_stats=batch_stats,
         opt_state=opt_state,
     )
+    if recipe.ema_decay:
+        decay = ema.decay_at(state.step + 1, recipe.ema_decay, recipe.ema_warmup)
+        updated = updated.replace(ema=ema.update(state.ema, updated.variables(), decay))
     what = nonfinite_what(loss, grads)
     # A bad step changes nothing but the step count, so the data and noise streams stay aligned.
     kept = jax.tree.map(lambda new, old: jnp.where(what < 0, new, old), updated, state)
@@ -294,6 +338,26 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule):
         loss, schedule(state.step), logits, batch["label"], new_state.step, what
     )
     return new_state, step_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The train step's static settings besides model and optimizer.
+
+    Attributes:
+      label_smoothing: `train.label_smoothing`.
+      ema_decay: `train.ema_decay` (0: no weight average).
+      ema_warmup: `train.ema_warmup`.
+    """
+
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0
+    ema_warmup: bool = False
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> Recipe:
+        train = config.train
+        return cls(float(train.label_smoothing), float(train.ema_decay), bool(train.ema_warmup))
 
 
 def nonfinite_what(loss, grads) -> jax.Array:
@@ -311,10 +375,10 @@ def leaf_names(tree) -> list[str]:
     return ["/".join(str(getattr(key, "key", key)) for key in path) for path, _ in paths]
 
 
-def compile_train_step(model, tx, schedule, state_shardings, mesh):
+def compile_train_step(model, tx, schedule, state_shardings, mesh, recipe: Recipe = Recipe()):
     """The jitted train step: explicit shardings, the state donated."""
     return jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule),
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule, recipe=recipe),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -463,32 +527,49 @@ def report_train(run: Run, progress, step: int, steps_per_epoch: int, running) -
 
 
 def evaluate_and_keep_best(run: Run, state: TrainState, step: int) -> dict[str, float]:
-    """Evaluates, logs, and offers the model to the best-checkpoint keeper."""
-    result = run.run_eval(state.variables())
-    split = run.config.data.eval_split
-    scalars = metrics_lib.in_percent({k: result[k] for k in ("loss", "top1", "top5")})
-    run.writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
-    logging.info(
-        "eval on %s at step %d: top1 %.2f%% | top5 %.2f%% | loss %.4f | %d images",
-        split,
-        step,
-        100 * result["top1"],
-        100 * result["top5"],
-        result["loss"],
-        result["num_examples"],
-    )
-    run.checkpoints.save_best(step, state.variables(), scalars)
-    write_kept_picture(run, state, step)
-    return result
+    """Evaluates the raw weights (and their moving average, when kept), logs, and offers the
+    weights `eval.select` names to the best-checkpoint keeper.
+
+    Returns:
+      The selected weights' result; with an average, also `by_weights`: each one's result.
+    """
+    weights = {"raw": state.variables()}
+    if uses_ema(run.config):
+        weights["ema"] = state.ema
+    results = {}
+    for name, variables in weights.items():
+        result = run.run_eval(variables)
+        prefix = "eval" if name == "raw" else f"eval_{name}"
+        scalars = metrics_lib.in_percent({k: result[k] for k in ("loss", "top1", "top5")})
+        run.writer.write_scalars(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
+        logging.info(
+            "eval%s on %s at step %d: top1 %.2f%% | top5 %.2f%% | loss %.4f | %d images",
+            "" if name == "raw" else f" ({name} weights)",
+            run.config.data.eval_split,
+            step,
+            100 * result["top1"],
+            100 * result["top5"],
+            result["loss"],
+            result["num_examples"],
+        )
+        results[name] = result
+    select = run.config.eval.select
+    chosen = results[select]
+    scalars = metrics_lib.in_percent({k: chosen[k] for k in ("loss", "top1", "top5")})
+    run.checkpoints.save_best(step, weights[select], scalars)
+    write_kept_picture(run, weights[select], step)
+    if len(results) == 1:
+        return chosen
+    return dict(chosen, by_weights=results)
 
 
-def write_kept_picture(run: Run, state: TrainState, step: int) -> None:
+def write_kept_picture(run: Run, variables: dict, step: int) -> None:
     """The kept-token picture of the first evaluation image, into TensorBoard. A picture that
     cannot be drawn is a warning: the run's numbers do not depend on it."""
     if run.kept_picture is None or jax.process_index() != 0:
         return
     try:
-        pixels = run.kept_picture(jax.device_get(state.variables()))
+        pixels = run.kept_picture(jax.device_get(variables))
     except Exception as error:  # matplotlib, an unreadable image: any of them
         logging.warning("no kept-token picture at step %d: %s", step, error)
         return
@@ -584,7 +665,9 @@ def _train_and_evaluate(config, model, workdir, preemption, events) -> dict:
         run = Run(
             config=config,
             inputs=inputs,
-            train_step=compile_train_step(model, tx, schedule, state_shardings, mesh),
+            train_step=compile_train_step(
+                model, tx, schedule, state_shardings, mesh, Recipe.from_config(config)
+            ),
             run_eval=lambda variables: evaluation.evaluate(
                 eval_fn, variables, inputs.eval, mesh, rng, should_stop=preemption.received_here
             ),

@@ -60,6 +60,8 @@ def create_model(
         dtype=jnp.dtype(model_config.dtype),
         attention=model_config.attention,
         input_normalization=input_normalization(model_config),
+        drop_path_rate=float(model_config.drop_path_rate),
+        dropout_rate=float(model_config.dropout_rate),
     )
     if check_cache:
         for train in (False, True):

@@ -38,6 +38,8 @@ def default_model_config() -> ml_collections.ConfigDict:
             "embed_dim": config_dict.placeholder(int),
             "depth": config_dict.placeholder(int),
             "num_heads": config_dict.placeholder(int),
+            "drop_path_rate": 0.0,
+            "dropout_rate": 0.0,
             "reduction": {
                 "method": NO_REDUCTION,
                 "keep_rate": 1.0,
@@ -110,6 +112,10 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> registry.B
             f"{model_config.attention!r}."
         )
     _validate_normalization(model_config)
+    for field in ("drop_path_rate", "dropout_rate"):
+        rate = model_config[field]
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
+            raise ValueError(f"model.{field} must be a number in [0, 1), got {rate!r}.")
     _validate_clca(model_config.clca)
     clca_used = clca_in_use(model_config.clca)
     _validate_reduction(model_config.reduction, backbone.depth, clca_used)

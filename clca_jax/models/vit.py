@@ -16,6 +16,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clca_jax.models.activations import gelu
 from clca_jax.models.clca import CLAHead, IFAHead, cache_entry, clr_from_class_token
@@ -289,22 +290,25 @@ def policy_softmax(logits: jax.Array, policy: jax.Array, eps: float = 1e-6) -> j
 
 
 class Mlp(nn.Module):
-    """Linear -> exact GELU -> Linear.
+    """Linear -> exact GELU -> dropout -> Linear -> dropout (timm's `Mlp` with `proj_drop`).
 
     Attributes:
       hidden_dim: width of the hidden layer.
       dtype: matmul dtype.
+      dropout_rate: dropout after the activation and after the output projection, in training.
     """
 
     hidden_dim: int
     dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         width = x.shape[-1]
         x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=trunc_normal, name="fc1")(x)
-        x = gelu(x)
+        x = nn.Dropout(self.dropout_rate)(gelu(x), deterministic=not train)
         x = nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="fc2")(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         return x.astype(jnp.float32)
 
 
@@ -327,16 +331,24 @@ class Block(nn.Module):
     """Pre-norm transformer block in two halves, `attend` and `feed_forward`.
 
     Token reduction methods that act "inside" a block (EViT, Top-K, ToMe, ATS) run between them.
+    In training each residual branch ends with dropout (`dropout_rate`, after the attention's
+    output projection, as timm's `proj_drop`) and stochastic depth (`drop_path`: the whole
+    branch of a sample is dropped with that probability, kept ones scaled by 1 / (1 - p)); both
+    draw from the `dropout` RNG stream and are the identity at evaluation or at rate 0.
 
     Attributes:
       backbone: architecture attributes (width, heads, LayerScale, eps, qkv bias).
       dtype: matmul dtype.
       attention: `model.attention` (see `Attention`).
+      drop_path: this block's stochastic-depth rate.
+      dropout_rate: dropout after the attention and MLP projections.
     """
 
     backbone: Backbone
     dtype: Dtype = jnp.float32
     attention: str = "auto"
+    drop_path: float = 0.0
+    dropout_rate: float = 0.0
 
     def setup(self):
         arch = self.backbone
@@ -345,10 +357,16 @@ class Block(nn.Module):
             arch.num_heads, qkv_bias=arch.qkv_bias, dtype=self.dtype, attention=self.attention
         )
         self.norm2 = nn.LayerNorm(epsilon=arch.ln_eps, dtype=jnp.float32)
-        self.mlp = Mlp(int(arch.embed_dim * arch.mlp_ratio), dtype=self.dtype)
+        self.mlp = Mlp(
+            int(arch.embed_dim * arch.mlp_ratio), dtype=self.dtype, dropout_rate=self.dropout_rate
+        )
         if arch.layer_scale is not None:
             self.ls1 = LayerScale(arch.layer_scale)
             self.ls2 = LayerScale(arch.layer_scale)
+        self.proj_drop = nn.Dropout(self.dropout_rate)
+        # One mask entry per sample ([B, 1, 1]): the branch is dropped for the whole image.
+        self.drop_path1 = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
+        self.drop_path2 = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
 
     def _scale(self, layer_scale_name: str, x: jax.Array) -> jax.Array:
         if self.backbone.layer_scale is None:
@@ -356,15 +374,22 @@ class Block(nn.Module):
         return getattr(self, layer_scale_name)(x)
 
     def attend(
-        self, x: jax.Array, bias: jax.Array | None = None, policy: jax.Array | None = None
+        self,
+        x: jax.Array,
+        bias: jax.Array | None = None,
+        policy: jax.Array | None = None,
+        train: bool = False,
     ) -> tuple[jax.Array, AttentionOutput]:
-        """x + LS1(Attn(LN1(x))), plus the attention internals."""
+        """x + DropPath(LS1(Dropout(Attn(LN1(x))))), plus the attention internals."""
         out, attention = self.attn(self.norm1(x), bias, policy)
-        return x + self._scale("ls1", out), attention
+        out = self.proj_drop(out, deterministic=not train)
+        out = self.drop_path1(self._scale("ls1", out), deterministic=not train)
+        return x + out, attention
 
-    def feed_forward(self, x: jax.Array) -> jax.Array:
-        """x + LS2(MLP(LN2(x)))."""
-        return x + self._scale("ls2", self.mlp(self.norm2(x)))
+    def feed_forward(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """x + DropPath(LS2(MLP(LN2(x))))."""
+        out = self._scale("ls2", self.mlp(self.norm2(x), train))
+        return x + self.drop_path2(out, deterministic=not train)
 
 
 class VisionTransformer(nn.Module):
@@ -388,6 +413,9 @@ class VisionTransformer(nn.Module):
       attention: `model.attention`: how attention runs (per_image, batched or auto).
       input_normalization: (mean, std) the images are normalised with before the model
         (`model.normalization`); the model itself reads normalised images.
+      drop_path_rate: stochastic depth of the last block; block i gets
+        `linspace(0, drop_path_rate, depth)[i]`, as timm's `dpr`.
+      dropout_rate: dropout after the attention and MLP projections (timm's `proj_drop_rate`).
     """
 
     backbone: Backbone
@@ -398,6 +426,8 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     attention: str = "auto"
     input_normalization: tuple = NORMALIZATION[DEFAULT_NORMALIZATION]
+    drop_path_rate: float = 0.0
+    dropout_rate: float = 0.0
 
     @property
     def grid(self) -> int:
@@ -425,6 +455,10 @@ class VisionTransformer(nn.Module):
     def num_clr(self) -> int:
         return self.clca.num_clr
 
+    def drop_path_rates(self) -> list[float]:
+        """Stochastic-depth rate of each block, rising linearly from 0 to `drop_path_rate`."""
+        return [float(rate) for rate in np.linspace(0.0, self.drop_path_rate, self.backbone.depth)]
+
     def token_schedule(self, train: bool = False) -> TokenSchedule:
         """The per-block token counts this model runs with in the given mode."""
         return cached_schedule(
@@ -443,8 +477,10 @@ class VisionTransformer(nn.Module):
         Args:
           images: float32 NHWC [B, img_size, img_size, 3], already normalised.
           train: training mode: batch statistics in the CLA head, DynamicViT's masked
-            training pass. DPC-KNN and DynamicViT draw from the `reduction` RNG stream
-            (`rngs={'reduction': key}`; without it DPC-KNN adds no density noise).
+            training pass, dropout and stochastic depth. DPC-KNN and DynamicViT draw from the
+            `reduction` RNG stream (`rngs={'reduction': key}`; without it DPC-KNN adds no
+            density noise), dropout and stochastic depth from `dropout` (needed only when
+            their rates are above 0).
 
         Returns:
           logits [B, num_classes] and `aux`: `kept` (per reduction stage, what survived),
@@ -456,9 +492,15 @@ class VisionTransformer(nn.Module):
         method = self.method
         tokens = method.initial_tokens(self.embed(images))
         cache, cls_tokens, kept, losses, counts = [], [], [], [], []
+        drop_path_rates = self.drop_path_rates()
         for index, plan in enumerate(schedule.blocks):
             block = Block(
-                self.backbone, dtype=self.dtype, attention=self.attention, name=f"blocks_{index}"
+                self.backbone,
+                dtype=self.dtype,
+                attention=self.attention,
+                drop_path=drop_path_rates[index],
+                dropout_rate=self.dropout_rate,
+                name=f"blocks_{index}",
             )
             reducer = None
             if plan.stage is not None and plan.stage.plan.active:
@@ -470,14 +512,14 @@ class VisionTransformer(nn.Module):
                 reduced = reduce_beside_registers(reducer, tokens, None, train, registers)
                 tokens = self.record(reduced, kept, losses)
             policy = tokens.decision if (train and tokens.decision is not None) else None
-            x, attention = block.attend(tokens.x, tokens.attention_bias(), policy)
+            x, attention = block.attend(tokens.x, tokens.attention_bias(), policy, train)
             tokens = tokens.replace(x=x)
             attn_tokens = x.shape[1]
             if reducer is not None and method.placement == "inside":
                 reduced = reduce_beside_registers(reducer, tokens, attention, train, registers)
                 tokens = self.record(reduced, kept, losses)
             counts.append((attn_tokens, tokens.length))
-            tokens = tokens.replace(x=block.feed_forward(tokens.x))
+            tokens = tokens.replace(x=block.feed_forward(tokens.x, train))
             if plan.recovered:
                 tokens = tokens.append(jnp.concatenate(cache, axis=1), 1.0 if train else 0.0)
                 cache = []

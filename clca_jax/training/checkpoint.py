@@ -130,17 +130,24 @@ class Checkpoints:
             restored = self._latest.restore(step, args=args)
         return restored["state"], restored["loader"]
 
-    def restore_variables(self, abstract_variables: dict, step: int | None = None) -> dict:
+    def restore_variables(
+        self, abstract_variables: dict, step: int | None = None, part: str = ""
+    ) -> dict:
         """Only the model variables (params, batch_stats) of the train state at `step`
         (default: the latest): evaluation needs no optimizer state, so none is read.
 
         Args:
           abstract_variables: `{'params': ..., 'batch_stats'?: ...}` of ShapeDtypeStructs
             with shardings.
+          part: '' for the trained variables, `ema` for their moving average.
         """
         step = self.latest_step() if step is None else step
         wanted = {"params": abstract_variables["params"]}
         wanted["batch_stats"] = abstract_variables.get("batch_stats", {})
+        if part:
+            if not wanted["batch_stats"]:
+                del wanted["batch_stats"]
+            wanted = {part: wanted}
         restore_args = ocp.checkpoint_utils.construct_restore_args(wanted)
         args = ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
@@ -149,6 +156,7 @@ class Checkpoints:
         )
         with _reading(lambda error: self._unreadable(step, error)):
             restored = self._latest.restore(step, args=args)["state"]
+        restored = restored[part] if part else restored
         variables = {"params": restored["params"]}
         if restored.get("batch_stats"):
             variables["batch_stats"] = restored["batch_stats"]

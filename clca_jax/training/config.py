@@ -20,8 +20,10 @@ from absl import flags
 from clca_jax.config_values import merge_saved
 from clca_jax.data import default_data_config, validate_data_config
 from clca_jax.models import VisionTransformer, create_model, default_model_config
+from clca_jax.training.optim import ALWAYS_FROZEN, OPTIMIZERS, SCHEDULE_UNITS
 
 ON_NONFINITE = ("stop", "skip")
+EVAL_WEIGHTS = ("raw", "ema")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -36,6 +38,11 @@ def default_config() -> ml_collections.ConfigDict:
       `train.on_nonfinite`: what a step whose loss or gradient is NaN or infinite does:
       `stop` (the run stops, naming the step and the quantity, without saving) or `skip` (the
       step leaves the model unchanged and the run goes on); either way no bad update is applied.
+      The training-recipe fields (`optim.name`, `optim.schedule_unit`, `optim.layer_decay`,
+      `optim.backbone_lr_scale`, `optim.freeze_backbone_steps`, `train.label_smoothing`,
+      `train.ema_decay`, `train.ema_warmup`, `eval.select`, and the model's
+      `drop_path_rate` and `dropout_rate`) default to the reference recipe; the README's
+      "Training recipe" section describes each.
     """
     return ml_collections.ConfigDict(
         {
@@ -54,14 +61,24 @@ def default_config() -> ml_collections.ConfigDict:
                 "min_lr": 1e-5,
                 "cooldown_epochs": 5,
                 "grad_clip_norm": 0.0,
+                "name": "adamw",
+                "momentum": 0.9,
+                "nesterov": False,
+                "schedule_unit": "epoch",
+                "layer_decay": 1.0,
+                "backbone_lr_scale": 1.0,
+                "freeze_backbone_steps": 0,
             },
             "train": {
                 "epochs": 50,
                 "batch_size": 32,
                 "log_every_steps": 50,
                 "on_nonfinite": "stop",
+                "label_smoothing": 0.0,
+                "ema_decay": 0.0,
+                "ema_warmup": False,
             },
-            "eval": {"batch_size": 48, "every_epochs": 0},
+            "eval": {"batch_size": 48, "every_epochs": 0, "select": "raw"},
             "checkpoint": {"every_steps": 1000, "max_to_keep": 2, "keep_best": True},
             "mesh": {"data": -1, "fsdp": 1, "heartbeat_timeout_seconds": 100},
         }
@@ -85,18 +102,13 @@ def validate_config(config: ml_collections.ConfigDict) -> VisionTransformer:
     _check_optim(config.optim)
     _check_positive(config.train, ("epochs", "batch_size", "log_every_steps"), "train")
     _check_choice(config.train, "on_nonfinite", ON_NONFINITE, "train")
+    _check_recipe(config)
     _check_positive(config.eval, ("batch_size",), "eval")
     _check_non_negative(config.eval, ("every_epochs",), "eval")
     _check_non_negative(config.checkpoint, ("every_steps",), "checkpoint")
     _check_positive(config.checkpoint, ("max_to_keep",), "checkpoint")
     _check_mesh(config.mesh)
     _check_init(config.init)
-    if config.optim.warmup_epochs + config.optim.cooldown_epochs > config.train.epochs:
-        raise ValueError(
-            f"optim.warmup_epochs ({config.optim.warmup_epochs}) + optim.cooldown_epochs "
-            f"({config.optim.cooldown_epochs}) exceed train.epochs ({config.train.epochs}); "
-            "shorten the warm-up or cool-down, or train longer."
-        )
     return model
 
 
@@ -168,6 +180,52 @@ def _check_optim(optim: ml_collections.ConfigDict) -> None:
         if not _is_number(value) or not 0 <= value < 1:
             raise ValueError(f"optim.{field} must be in [0, 1), got {value!r}.")
     _check_non_negative(optim, ("warmup_epochs", "cooldown_epochs"), "optim")
+
+
+def _check_fraction(section: ml_collections.ConfigDict, field: str, name: str) -> None:
+    value = section[field]
+    if not _is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"{name}.{field} must be a number in [0, 1), got {value!r}.")
+
+
+def _check_bool(section: ml_collections.ConfigDict, field: str, name: str) -> None:
+    if not isinstance(section[field], bool):
+        raise ValueError(f"{name}.{field} must be True or False, got {section[field]!r}.")
+
+
+def _check_recipe(config: ml_collections.ConfigDict) -> None:
+    """The optimizer choice, layer-wise rates, freezing, label smoothing and EMA fields."""
+    optim, train = config.optim, config.train
+    _check_choice(optim, "name", OPTIMIZERS, "optim")
+    _check_choice(optim, "schedule_unit", SCHEDULE_UNITS, "optim")
+    _check_fraction(optim, "momentum", "optim")
+    _check_bool(optim, "nesterov", "optim")
+    if optim.nesterov and optim.name == "sgd" and not optim.momentum:
+        raise ValueError("optim.nesterov=True needs optim.momentum > 0, got 0.")
+    layer_decay = optim.layer_decay
+    if not _is_number(layer_decay) or not 0 < layer_decay <= 1:
+        raise ValueError(f"optim.layer_decay must be in (0, 1] (1: off), got {layer_decay!r}.")
+    scale = optim.backbone_lr_scale
+    if not _is_number(scale) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(
+            f"optim.backbone_lr_scale must be a finite number > 0, got {scale!r}; freeze the "
+            "backbone with optim.freeze_backbone_steps instead of a scale of 0."
+        )
+    steps = optim.freeze_backbone_steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < ALWAYS_FROZEN:
+        raise ValueError(
+            f"optim.freeze_backbone_steps must be an integer >= 0, or {ALWAYS_FROZEN} "
+            f"(always frozen), got {steps!r}."
+        )
+    _check_fraction(train, "label_smoothing", "train")
+    _check_fraction(train, "ema_decay", "train")
+    _check_bool(train, "ema_warmup", "train")
+    _check_choice(config.eval, "select", EVAL_WEIGHTS, "eval")
+    if config.eval.select == "ema" and not train.ema_decay:
+        raise ValueError(
+            "eval.select='ema' needs the weight average: set train.ema_decay in (0, 1), "
+            "e.g. 0.9998, or select 'raw'."
+        )
 
 
 def _check_mesh(mesh: ml_collections.ConfigDict) -> None:

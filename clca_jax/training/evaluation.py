@@ -21,6 +21,7 @@ from clca_jax.training import metrics as metrics_lib
 from clca_jax.training import sharding
 
 EVAL_STREAM = 2  # `fold_in(key(seed), EVAL_STREAM)` seeds the evaluation noise (see train.py)
+DROPOUT_STREAM = 1  # a train step's dropout key: `fold_in(step key, DROPOUT_STREAM)`
 SUMMARY_FILE = "summary.json"
 
 
@@ -43,8 +44,15 @@ def normalization_kwargs(model_config: ml_collections.ConfigDict) -> dict:
 
 
 def apply_model(model, variables: dict, images, *, train: bool, key):
-    """Logits, aux and the new batch statistics (`{}` when the model has none)."""
+    """Logits, aux and the new batch statistics (`{}` when the model has none).
+
+    `key` feeds the `reduction` stream; in training `fold_in(key, DROPOUT_STREAM)` feeds
+    `dropout` (dropout and stochastic depth), so the reduction noise is the same with or
+    without them.
+    """
     rngs = {"reduction": key}
+    if train:
+        rngs["dropout"] = jax.random.fold_in(key, DROPOUT_STREAM)
     if train and "batch_stats" in variables:
         (logits, aux), updates = model.apply(
             variables, images, train=True, rngs=rngs, mutable=["batch_stats"]
@@ -130,7 +138,16 @@ def count_gmacs(model) -> float:
 
 
 def make_summary(result: dict, config, model, params, **extra) -> dict:
-    """The run's headline numbers (accuracies in %), its cost and its config."""
+    """The run's headline numbers (accuracies in %), its cost and its config.
+
+    With a weight average (`result['by_weights']`, see `train.evaluate_and_keep_best`) the
+    headline is of the weights `eval.select` names, and `raw` and `ema` hold each one's
+    loss, top-1 and top-5.
+    """
+    for name, each in result.get("by_weights", {}).items():
+        extra[name] = {"loss": each["loss"], "top1": 100 * each["top1"], "top5": 100 * each["top5"]}
+    if "by_weights" in result:
+        extra["weights"] = config.eval.select
     return {
         "split": config.data.eval_split,
         "num_examples": result["num_examples"],
