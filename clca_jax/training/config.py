@@ -20,6 +20,7 @@ from absl import flags
 from clca_jax.config_values import merge_saved
 from clca_jax.data import default_data_config, validate_data_config
 from clca_jax.models import VisionTransformer, create_model, default_model_config
+from clca_jax.training.mixup import default_mixup_config, validate_mixup_config
 
 ON_NONFINITE = ("stop", "skip")
 
@@ -36,6 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
       `train.on_nonfinite`: what a step whose loss or gradient is NaN or infinite does:
       `stop` (the run stops, naming the step and the quantity, without saving) or `skip` (the
       step leaves the model unchanged and the run goes on); either way no bad update is applied.
+      `train.mixup`: Mixup/CutMix of each global batch (`training.mixup`), off by default.
     """
     return ml_collections.ConfigDict(
         {
@@ -60,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
                 "batch_size": 32,
                 "log_every_steps": 50,
                 "on_nonfinite": "stop",
+                "mixup": default_mixup_config(),
             },
             "eval": {"batch_size": 48, "every_epochs": 0},
             "checkpoint": {"every_steps": 1000, "max_to_keep": 2, "keep_best": True},
@@ -85,6 +88,7 @@ def validate_config(config: ml_collections.ConfigDict) -> VisionTransformer:
     _check_optim(config.optim)
     _check_positive(config.train, ("epochs", "batch_size", "log_every_steps"), "train")
     _check_choice(config.train, "on_nonfinite", ON_NONFINITE, "train")
+    validate_mixup_config(config.train.mixup)
     _check_positive(config.eval, ("batch_size",), "eval")
     _check_non_negative(config.eval, ("every_epochs",), "eval")
     _check_non_negative(config.checkpoint, ("every_steps",), "checkpoint")
