@@ -13,6 +13,7 @@ import pytest
 from timm.data import mixup as timm_mixup
 
 from clca_jax import train
+from clca_jax.data import augment
 from clca_jax.training import metrics as metrics_lib
 from clca_jax.training import mixup
 from clca_jax.training.config import default_config, validate_config
@@ -194,3 +195,22 @@ def test_train_step_learns_from_the_mixed_batch_and_soft_targets():
     got = metrics_lib.to_floats(metrics)["loss"]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert abs(plain - got) > 1e-4  # mixing changed the loss
+
+
+def test_deit_variant_turns_the_augmentation_on_and_validates():
+    from clca_jax import config_files
+
+    config = config_files.load("soyglobal:deit")
+    assert config.data.augment.rand_augment_ops == 2
+    assert config.data.augment.rand_augment_magnitude == 9
+    assert config.data.augment.random_erasing_prob == 0.25
+    assert mixup.from_config(config.train.mixup) == mixup.Mixup(0.8, 1.0, 1.0, 0.5)
+    paper = config_files.load("soyglobal")
+    assert augment.from_config(paper.data.augment) is None
+    assert mixup.from_config(paper.train.mixup) is None
+    tiny = config_files.load("soyglobal:deit,tiny")
+    tiny.data.dir = "/data"
+    assert tiny.model.img_size == 64 and tiny.train.mixup.cutmix_alpha == 1.0
+    validate_config(tiny)
+    with pytest.raises(ValueError, match="unknown config variant 'big'"):
+        config_files.load("soyglobal:deit,big")
