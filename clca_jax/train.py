@@ -9,7 +9,8 @@ its checks), `preemption` (SIGTERM), `warm_start`, `checkpoint`, `sharding`, `op
 Randomness: one seed. The initial parameters use `fold_in(key(seed), 0)`; the train state
 carries the base key `fold_in(key(seed), 1)` and step `s` draws its token-reduction noise from
 `fold_in(base, s)` (dropout and stochastic depth from `fold_in` of that key, see
-`evaluation.apply_model`), so a resumed run repeats the uninterrupted one; evaluation batch `i` uses
+`evaluation.apply_model`; Mixup/CutMix draws from `fold_in(fold_in(base, s), MIX_STREAM)`), so a
+resumed run repeats the uninterrupted one; evaluation batch `i` uses
 `fold_in(fold_in(key(seed), 2), i)`. The data order and augmentation are the loader's, seeded
 with the same seed and resumed from its saved position.
 
@@ -45,12 +46,14 @@ from clca_jax import data, pretrained
 from clca_jax.models import VisionTransformer
 from clca_jax.training import checkpoint, ema, evaluation, losses, optim, sharding, workdirs
 from clca_jax.training import metrics as metrics_lib
+from clca_jax.training import mixup as mixup_lib
 from clca_jax.training.config import validate_config
 from clca_jax.training.evaluation import SUMMARY_FILE, apply_model
 from clca_jax.training.preemption import Preempted, PreemptionNotice
 from clca_jax.training.warm_start import warm_start
 
 INIT_STREAM, TRAIN_STREAM = 0, 1  # and evaluation.EVAL_STREAM = 2
+MIX_STREAM = 2  # folded into a step's key for its Mixup/CutMix draws (1 is dropout's)
 INIT_REPORT_FILE = "init.txt"
 TENSORBOARD_DIR = "tensorboard"
 __all__ = ["NonFiniteError", "Preempted", "SUMMARY_FILE", "train_and_evaluate"]
@@ -300,14 +303,22 @@ def restore_or_create_state(config, model, tx, mesh, checkpoints, train_loader, 
 # Steps.
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, schedule, recipe: Recipe):
+def train_step(state: TrainState, batch: dict, *, model, tx, schedule, recipe: Recipe, mixup=None):
     """One optimizer step on a global batch; returns the new state and its metrics.
 
     The loss is the mean cross-entropy (against `batch['soft_label']` when the batch has it,
     with `recipe.label_smoothing`) plus the model's `aux['extra_loss']` (DynamicViT's ratio
-    loss), when it reports one. With `recipe.ema_decay > 0` the weight average follows the step.
+    loss), when it reports one. With `mixup` (a `training.mixup.Mixup`) the batch is mixed first
+    with draws from `fold_in(key, MIX_STREAM)`, which sets `batch['soft_label']`. With
+    `recipe.ema_decay > 0` the weight average follows the step.
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if mixup is not None:
+        mix_key = jax.random.fold_in(key, MIX_STREAM)
+        images, soft = mixup_lib.mix_batch(
+            batch["image"], batch["label"], model.num_classes, mix_key, mixup
+        )
+        batch = dict(batch, image=images, soft_label=soft)
 
     def loss_fn(params):
         variables = state.replace(params=params).variables()
@@ -375,10 +386,15 @@ def leaf_names(tree) -> list[str]:
     return ["/".join(str(getattr(key, "key", key)) for key in path) for path, _ in paths]
 
 
-def compile_train_step(model, tx, schedule, state_shardings, mesh, recipe: Recipe = Recipe()):
+def compile_train_step(
+    model, tx, schedule, state_shardings, mesh, recipe: Recipe = Recipe(), mixup=None
+):
     """The jitted train step: explicit shardings, the state donated."""
+    step = functools.partial(
+        train_step, model=model, tx=tx, schedule=schedule, recipe=recipe, mixup=mixup
+    )
     return jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule, recipe=recipe),
+        step,
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -666,7 +682,13 @@ def _train_and_evaluate(config, model, workdir, preemption, events) -> dict:
             config=config,
             inputs=inputs,
             train_step=compile_train_step(
-                model, tx, schedule, state_shardings, mesh, Recipe.from_config(config)
+                model,
+                tx,
+                schedule,
+                state_shardings,
+                mesh,
+                Recipe.from_config(config),
+                mixup_lib.from_config(config.train.mixup),
             ),
             run_eval=lambda variables: evaluation.evaluate(
                 eval_fn, variables, inputs.eval, mesh, rng, should_stop=preemption.received_here

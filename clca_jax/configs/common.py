@@ -14,8 +14,10 @@ The weights come from a converted CLIP checkpoint:
 The dataset configs call `get_config` and set the data and class count. On GPUs and TPUs add
 `--config.model.dtype=bfloat16`. Appending `:tiny` to a config's name or path (`soygene:tiny`,
 `configs/soygene.py:tiny`) shrinks model, images, batch and schedule so any config runs on a
-laptop CPU. A config file of your own starts the same way, from any folder:
-`from clca_jax.configs import common`.
+laptop CPU. Appending `:deit` (`soyglobal:deit`) adds the DeiT-style augmentation the official
+code also offers: RandAugment with 2 operations at magnitude 9, Mixup 0.8, CutMix 1.0 and random
+erasing 0.25; variants combine with commas (`soyglobal:deit,tiny`). A config file of your own
+starts the same way, from any folder: `from clca_jax.configs import common`.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import ml_collections
 from clca_jax.training.config import default_config
 
 PRETRAINED = "pretrained/vit_base_patch16_clip_224.laion2b_448"
-VARIANTS = ("tiny",)
+VARIANTS = ("tiny", "deit")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The shared setting; `arg` is None for the paper's sizes or `tiny` for a laptop run."""
+    """The shared setting; `arg` is None for the paper's recipe, or comma-separated variants:
+    `tiny` for a laptop run, `deit` for the DeiT-style augmentation."""
     config = default_config()
     config.seed = 1
     config.init.checkpoint = PRETRAINED
@@ -43,11 +46,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.clca.clc = True
     config.model.clca.num_clr = 1
 
-    if arg == "tiny":
+    variants = arg.split(",") if arg else []
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown config variant {variant!r}; use one of {VARIANTS} or none.")
+    if "deit" in variants:
+        add_deit_recipe(config)
+    if "tiny" in variants:
         make_tiny(config)
-    elif arg:
-        raise ValueError(f"unknown config variant {arg!r}; use one of {VARIANTS} or none.")
     return config
+
+
+def add_deit_recipe(config: ml_collections.ConfigDict) -> None:
+    """The DeiT-style recipe (timm flags `--aa rand-m9-mstd0.5-inc1 --mixup 0.8 --cutmix 1.0
+    --reprob 0.25 --remode pixel --smoothing 0.1 --drop-path 0.1`), with torchvision's
+    RandAugment (2 operations at bin 9 of 31, no magnitude noise)."""
+    config.model.drop_path_rate = 0.1
+    config.train.label_smoothing = 0.1
+    config.data.augment.rand_augment_ops = 2
+    config.data.augment.rand_augment_magnitude = 9
+    config.data.augment.random_erasing_prob = 0.25
+    config.train.mixup.mixup_alpha = 0.8
+    config.train.mixup.cutmix_alpha = 1.0
+    config.train.mixup.prob = 1.0
+    config.train.mixup.switch_prob = 0.5
 
 
 def make_tiny(config: ml_collections.ConfigDict) -> None:

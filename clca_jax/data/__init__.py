@@ -17,6 +17,8 @@ The configuration is `config.data`, an `ml_collections.ConfigDict` (see `default
 * `check_published_counts`: leaf datasets only, compare counts with the published figures.
 * `num_threads`: reading threads per process (0 = one per core); `prefetch_batches`: batches
   read ahead.
+* `augment`: RandAugment / TrivialAugmentWide and random erasing of training images, all off
+  by default (`augment.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import functools
 
 import ml_collections
 
-from clca_jax.data import demo, folder, ufgir
+from clca_jax.data import augment, demo, folder, ufgir
 from clca_jax.data.pipeline import EvalLoader, TrainLoader, normalization
 from clca_jax.data.records import BadImageError, LoadedData
 from clca_jax.data.splits import DataError
@@ -110,6 +112,7 @@ def default_data_config(name: str = "demo") -> ml_collections.ConfigDict:
             "check_published_counts": True,
             "num_threads": 0,
             "prefetch_batches": 2,
+            "augment": augment.default_augment_config(),
         }
     )
 
@@ -128,13 +131,16 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
             f"data.num_threads={config.get('num_threads')} must be >= 0 and "
             f"data.prefetch_batches={config.get('prefetch_batches')} >= 1."
         )
+    if config.get("augment") is not None:
+        augment.validate_augment_config(config.augment)
 
 
 def load_data(config: ml_collections.ConfigDict) -> LoadedData:
     """The train and eval sources named by `config.data` (cached per configuration)."""
     validate_data_config(config)
     defaults = default_data_config(config.name)
-    fields = {k: config.get(k, defaults[k]) for k in defaults}
+    # The augmentation does not change the sources (and is not hashable).
+    fields = {k: config.get(k, defaults[k]) for k in defaults if k != "augment"}
     return _load_cached(tuple(sorted(fields.items())))
 
 
@@ -206,6 +212,7 @@ def make_train_loader(
         std=std,
         num_threads=config.get("num_threads", 0),
         prefetch_batches=config.get("prefetch_batches", 2),
+        augmentation=augment.from_config(config.get("augment")),
     )
 
 

@@ -14,7 +14,8 @@ processes, threads or restarts:
   epoch takes positions `[k*B, (k+1)*B)` of it (B = global batch, the remainder is dropped)
   and process p takes the slice `[p*b, (p+1)*b)` of that global batch (b = B / processes).
   The processes' shares are disjoint, and the global batch is the same for any process count;
-* the crop offsets and the flip of an example come from a generator seeded with
+* the crop offsets and the flip of an example, and its RandAugment / TrivialAugmentWide and
+  random erasing draws when those are on (`augment.py`), come from a generator seeded with
   `(seed, epoch, example index)`;
 * the loader's state is the number of global steps taken. `get_state()` returns it (with the
   settings it depends on) as a small JSON-able dict; `set_state()` restarts the stream at that
@@ -45,7 +46,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from clca_jax.data import records
+from clca_jax.data import augment, records
 from clca_jax.data.splits import DataError
 from clca_jax.normalization import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION
 
@@ -129,11 +130,22 @@ class Normalizer:
 
 
 def preprocess_train(
-    record: records.ImageRecord, img_size: int, rng: np.random.Generator, norm: Normalizer
+    record: records.ImageRecord,
+    img_size: int,
+    rng: np.random.Generator,
+    norm: Normalizer,
+    augmentation: augment.Augmentation | None = None,
 ) -> np.ndarray:
-    """Training view of one record: resize R, random crop S, flip, normalise."""
+    """Training view of one record: resize R, random crop S, flip, then the augmentation policy
+    when set, normalise, then random erasing when set."""
     pixels = resize_square(records.decode_rgb(record), resize_size(img_size))
-    return norm(random_crop_flip(pixels, img_size, rng))
+    pixels = random_crop_flip(pixels, img_size, rng)
+    if augmentation is not None and augmentation.has_policy:
+        pixels = augment.apply_policy(pixels, rng, augmentation)
+    image = norm(pixels)
+    if augmentation is not None and augmentation.erases:
+        image = augment.random_erase(image, rng, augmentation)
+    return image
 
 
 def preprocess_eval(record: records.ImageRecord, img_size: int, norm: Normalizer) -> np.ndarray:
@@ -184,6 +196,7 @@ class TrainLoader:
         std: Sequence[float] = IMAGENET_STD,
         num_threads: int = 0,
         prefetch_batches: int = 2,
+        augmentation: augment.Augmentation | None = None,
     ):
         """Sets the loader up; nothing is read until the first batch.
 
@@ -198,6 +211,7 @@ class TrainLoader:
           std: per-channel std (0..1 scale).
           num_threads: reading threads; 0 = one per core.
           prefetch_batches: batches prepared ahead.
+          augmentation: RandAugment / TrivialAugmentWide and random erasing; None = off.
         """
         self.local_batch_size = check_sharding(global_batch_size, process_index, process_count)
         self.num_examples = len(source)
@@ -211,6 +225,7 @@ class TrainLoader:
         self._source, self._img_size, self._seed = source, img_size, seed
         self._global_batch_size, self._process_index = global_batch_size, process_index
         self._norm = Normalizer(mean, std)
+        self._augmentation = augmentation
         self._threads, self._prefetch = default_threads(num_threads), prefetch_batches
         self.step = 0
         self._iterator: Iterator | None = None
@@ -277,7 +292,7 @@ class TrainLoader:
         index = int(epoch_permutation(self._seed, epoch, self.num_examples)[order_position])
         record = self._source[index]
         rng = example_rng(self._seed, epoch, index)
-        image = preprocess_train(record, self._img_size, rng, self._norm)
+        image = preprocess_train(record, self._img_size, rng, self._norm, self._augmentation)
         return {"image": image, "label": np.int32(record.label)}
 
 

@@ -20,6 +20,7 @@ from absl import flags
 from clca_jax.config_values import merge_saved
 from clca_jax.data import default_data_config, validate_data_config
 from clca_jax.models import VisionTransformer, create_model, default_model_config
+from clca_jax.training.mixup import default_mixup_config, validate_mixup_config
 from clca_jax.training.optim import ALWAYS_FROZEN, OPTIMIZERS, SCHEDULE_UNITS
 
 ON_NONFINITE = ("stop", "skip")
@@ -43,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
       `train.ema_decay`, `train.ema_warmup`, `eval.select`, and the model's
       `drop_path_rate` and `dropout_rate`) default to the reference recipe; the README's
       "Training recipe" section describes each.
+      `train.mixup`: Mixup/CutMix of each global batch (`training.mixup`), off by default.
     """
     return ml_collections.ConfigDict(
         {
@@ -77,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
                 "label_smoothing": 0.0,
                 "ema_decay": 0.0,
                 "ema_warmup": False,
+                "mixup": default_mixup_config(),
             },
             "eval": {"batch_size": 48, "every_epochs": 0, "select": "raw"},
             "checkpoint": {"every_steps": 1000, "max_to_keep": 2, "keep_best": True},
@@ -103,6 +106,7 @@ def validate_config(config: ml_collections.ConfigDict) -> VisionTransformer:
     _check_positive(config.train, ("epochs", "batch_size", "log_every_steps"), "train")
     _check_choice(config.train, "on_nonfinite", ON_NONFINITE, "train")
     _check_recipe(config)
+    validate_mixup_config(config.train.mixup)
     _check_positive(config.eval, ("batch_size",), "eval")
     _check_non_negative(config.eval, ("every_epochs",), "eval")
     _check_non_negative(config.checkpoint, ("every_steps",), "checkpoint")
