@@ -205,7 +205,9 @@ def test_deit_variant_turns_the_augmentation_on_and_validates():
     assert config.data.augment.rand_augment_magnitude == 9
     assert config.data.augment.random_erasing_prob == 0.25
     assert mixup.from_config(config.train.mixup) == mixup.Mixup(0.8, 1.0, 1.0, 0.5)
+    assert config.train.label_smoothing == 0.1 and config.model.drop_path_rate == 0.1
     paper = config_files.load("soyglobal")
+    assert paper.train.label_smoothing == 0.0 and paper.model.drop_path_rate == 0.0
     assert augment.from_config(paper.data.augment) is None
     assert mixup.from_config(paper.train.mixup) is None
     tiny = config_files.load("soyglobal:deit,tiny")
