@@ -23,7 +23,7 @@ $(VENV)/.full: $(VENV)/.core
 setup: $(VENV)/.full
 
 demo: $(VENV)/.core
-	$(PYTHON) -m clca_jax.main --config=configs/demo.py --workdir=demo_out/demo
+	$(PYTHON) -m clca_jax.demo --workdir=demo_out
 
 test: $(VENV)/.full
 	@$(PYTHON) -m pytest -q; status=$$?; \

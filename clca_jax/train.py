@@ -303,15 +303,16 @@ def restore_or_create_state(config, model, tx, mesh, checkpoints, train_loader, 
 # Steps.
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, schedule, recipe: Recipe, mixup=None):
+def train_step(state: TrainState, batch: dict, *, model, tx, schedule, recipe=None, mixup=None):
     """One optimizer step on a global batch; returns the new state and its metrics.
 
     The loss is the mean cross-entropy (against `batch['soft_label']` when the batch has it,
     with `recipe.label_smoothing`) plus the model's `aux['extra_loss']` (DynamicViT's ratio
     loss), when it reports one. With `mixup` (a `training.mixup.Mixup`) the batch is mixed first
     with draws from `fold_in(key, MIX_STREAM)`, which sets `batch['soft_label']`. With
-    `recipe.ema_decay > 0` the weight average follows the step.
+    `recipe.ema_decay > 0` the weight average follows the step. No `recipe`: `Recipe()`.
     """
+    recipe = Recipe() if recipe is None else recipe
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if mixup is not None:
         mix_key = jax.random.fold_in(key, MIX_STREAM)
