@@ -648,6 +648,7 @@ def _train_and_evaluate(config, model, workdir, preemption, events) -> dict:
     inputs = make_input(config, mesh)
     config = resolve_config(config, inputs.info.num_classes)
     workdirs.check_same_model(workdir, config)
+    workdirs.check_same_classes(workdir, inputs.info.num_classes, inputs.info.class_names)
     # Model.
     model = model.clone(num_classes=config.model.num_classes)
     # Optimizer.
@@ -664,6 +665,10 @@ def _train_and_evaluate(config, model, workdir, preemption, events) -> dict:
         # Written only now, so a refused restart leaves the workdir as it was.
         workdirs.warn_if_config_changed(workdir, config)
         metrics_lib.write_json(workdirs.run_config_path(workdir), json.loads(config.to_json()))
+        metrics_lib.write_json(
+            workdirs.classes_path(workdir),
+            workdirs.classes_record(inputs.info.num_classes, inputs.info.class_names),
+        )
         writer = metrics_lib.MetricWriter(os.path.join(workdir, TENSORBOARD_DIR))
         writer.write_text(int(state.step), "config", f"```json\n{config.to_json(indent=2)}\n```")
         logging.info(

@@ -88,6 +88,7 @@ def test_the_documentation_shows_every_command():
         ("-m", "clca_jax.visualize", "sweep"),
         ("-m", "clca_jax.convert.cli"),
         ("-m", "clca_jax.data.prepare"),
+        ("-m", "clca_jax.predict"),
         ("tools/convert_timm_weights.py",),
         ("tools/benchmark.py",),
         ("tools/bench_input.py",),

@@ -101,7 +101,7 @@ def test_unknown_variant_and_unknown_override_fail_clearly(tmp_path):
 
 def test_every_shipped_config_has_its_repository_path():
     shipped = [name for name in config_files.names() if name != "common"]
-    assert shipped == sorted([*CLASSES, "demo"])
+    assert shipped == sorted([*CLASSES, "demo", "folder"])
     in_repository = sorted(f[: -len(".py")] for f in os.listdir(os.path.join(REPO, "configs")))
     assert in_repository == shipped
     for name in shipped:

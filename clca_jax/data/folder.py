@@ -201,7 +201,7 @@ def _class_folder_rows(
     rows = []
     for name in present:
         class_dir = os.path.join(prefix, name)
-        files = _image_files(os.path.join(root, class_dir))
+        files = image_files(os.path.join(root, class_dir))
         if not files:
             raise DataError(
                 f"class folder {os.path.join(root, class_dir)} holds no image "
@@ -212,7 +212,7 @@ def _class_folder_rows(
     return rows
 
 
-def _image_files(folder: str) -> list[str]:
+def image_files(folder: str) -> list[str]:
     """Image files under `folder` (recursively), relative to it, sorted; hidden ones left out.
 
     Hidden names (`.ipynb_checkpoints/`, macOS `._x.png`) are skipped at every depth, as the

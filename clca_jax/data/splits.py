@@ -6,6 +6,7 @@ functions, so the same input gives the same error whichever route reads it.
 
 The carve reproduces the reference `data_split.py` (spec 6.3): per class, in file order, the
 first `int(0.8 * n)` rows go to `train`, the rest to `val`, and `train_val` is the whole list.
+It draws nothing at random, so it needs no seed; each carved split logs one line saying so.
 """
 
 from __future__ import annotations
@@ -154,7 +155,18 @@ def resolve_split(name: str, lists: Mapping[str, SplitList], where: str) -> Spli
         return lists[name]
     if name in ("train", "val") and "train_val" in lists:
         train, val = carve_train_val(lists["train_val"])
-        return train if name == "train" else val
+        carved = train if name == "train" else val
+        share = TRAIN_FRACTION if name == "train" else 1 - TRAIN_FRACTION
+        logging.info(
+            "split %r: carved %d of the %d images of 'train_val' in %s (%.0f %% of each class, "
+            "in file order; no seed, the same every run)",
+            name,
+            len(carved),
+            len(lists["train_val"]),
+            where,
+            100 * share,
+        )
+        return carved
     available = sorted(set(lists) | ({"train", "val"} if "train_val" in lists else set()))
     raise DataError(
         f"split {name!r} not found in {where}; available splits: {available}. "

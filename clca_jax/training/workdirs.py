@@ -1,7 +1,10 @@
-"""A training workdir's saved config: written once a run starts, read to resume, evaluate,
-draw or count it, and compared on restart so a workdir never mixes two models.
+"""A training workdir's saved config and classes: written once a run starts, read to resume,
+evaluate, draw, count or predict with it, and compared on restart so a workdir never mixes two
+models or two sets of classes.
 
     WORKDIR/config.json    the whole training config of the run (RUN_CONFIG_FILE)
+    WORKDIR/classes.json   the class names by class id (CLASSES_FILE; null names for data
+                           without names, such as the csv route)
 
 (A converted model directory has its own `config.json`, holding the `model` section only:
 `clca_jax.pretrained.MODEL_CONFIG_FILE`.)
@@ -20,6 +23,7 @@ from absl import logging
 from clca_jax.training.config import config_from_dict
 
 RUN_CONFIG_FILE = "config.json"
+CLASSES_FILE = "classes.json"
 # Model fields that change how the model runs, not its parameters: a run may resume with others.
 RUNTIME_FIELDS = frozenset({"model.attention"})
 
@@ -64,6 +68,67 @@ def check_same_model(workdir: str, config: ml_collections.ConfigDict) -> None:
             "changed. Use a new --workdir for this model, or the saved model settings to "
             "resume that run."
         )
+
+
+def classes_path(workdir: str) -> str:
+    return os.path.join(workdir, CLASSES_FILE)
+
+
+def classes_record(num_classes: int, class_names: list[str] | None) -> dict:
+    """What `CLASSES_FILE` holds: the class count and the names by class id (or None)."""
+    return {"num_classes": int(num_classes), "names": list(class_names) if class_names else None}
+
+
+def read_classes(workdir: str) -> dict | None:
+    """The classes a run saved in `workdir` (see `classes_record`), or None when it saved none
+    (a run started before the file existed).
+
+    Raises:
+      ValueError: the file is not valid JSON or lacks its fields.
+    """
+    path = classes_path(workdir)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        names = record["names"]
+        if names is not None and len(names) != record["num_classes"]:
+            raise ValueError(f"{len(names)} names for {record['num_classes']} classes")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"{path} is damaged ({error}); it should hold the run's class names. Restore it or "
+            "start a new --workdir."
+        ) from None
+    return record
+
+
+def check_same_classes(workdir: str, num_classes: int, class_names: list[str] | None) -> None:
+    """Refuses to resume a run whose data now has other classes than it was started with
+    (the same class ids would mean other classes)."""
+    before = read_classes(workdir)
+    now = classes_record(num_classes, class_names)
+    if before is None or before == now:
+        return
+    difference = _classes_difference(before, now)
+    raise ValueError(
+        f"the data's classes changed since {workdir} was started ({difference}); "
+        "nothing was changed. Train on the data it was started with, or use a new --workdir."
+    )
+
+
+def _classes_difference(before: dict, now: dict) -> str:
+    """A short description of how two class records differ."""
+    old, new = before["names"], now["names"]
+    if before["num_classes"] != now["num_classes"]:
+        return f"{before['num_classes']} classes then, {now['num_classes']} now"
+    if old is None or new is None:
+        said = {True: "without names", False: "with names"}
+        return f"classes {said[old is None]} then, {said[new is None]} now"
+    changed = [(i, a, b) for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
+    shown = ", ".join(f"class {i}: {a!r} -> {b!r}" for i, a, b in changed[:3])
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return shown + more
 
 
 def warn_if_config_changed(workdir: str, config: ml_collections.ConfigDict) -> None:
