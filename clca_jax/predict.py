@@ -307,7 +307,7 @@ def predict(
             raise ValueError(f"{name}={value} must be at least 1.")
     path = check_out(out, overwrite)
     paths = find_images(images)
-    metrics_lib.quiet_checkpoint_logs()
+    metrics_lib.quiet_library_logs()
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
     predictor = load_predictor(workdir, model_dir, checkpoint_name, mesh)
     logging.info("Predicting %d file(s) with the %s.", len(paths), predictor.source)
