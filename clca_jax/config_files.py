@@ -7,6 +7,8 @@ A config file is a Python file whose `get_config(arg=None)` returns an
     soyglobal              a config shipped in `clca_jax/configs/` (`names()` lists them)
     soygene:tiny           the same, as `get_config("tiny")`
     configs/demo.py        a file: relative to the working directory, absolute, or `~/...`
+    runs/demo              a training workdir: the config its run saved (`config.json`), so
+                           that a run can go on with changed fields
 
 A spec ending in `.py` or holding a path separator is a path, anything else a name. Config
 files import only installed packages (the shipped ones start from `clca_jax.configs.common`),
@@ -62,6 +64,11 @@ def resolve(spec: str) -> tuple[str, str | None]:
     source, _, variant = spec.partition(":")
     if source.endswith(".py") or os.sep in source or "/" in source:
         path = os.path.abspath(os.path.expanduser(source))
+        saved = os.path.join(path, _run_config_file())
+        if os.path.isdir(path) and os.path.isfile(saved):
+            if variant:
+                raise ValueError(f"{source} is a workdir; its saved config takes no variant.")
+            return saved, None
         if not os.path.isfile(path):
             raise ValueError(
                 f"config file {source} not found (looked for {path}); give the path of a "
@@ -77,6 +84,12 @@ def resolve(spec: str) -> tuple[str, str | None]:
     return path, variant or None
 
 
+def _run_config_file() -> str:
+    from clca_jax.training.workdirs import RUN_CONFIG_FILE  # imports jax: only when needed
+
+    return RUN_CONFIG_FILE
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
     """The config a spec names: its file's `get_config()`, or `get_config(VARIANT)`.
 
@@ -85,6 +98,10 @@ def load(spec: str) -> ml_collections.ConfigDict:
         imports a module that cannot be imported here, or `get_config` refuses the variant.
     """
     path, variant = resolve(spec)
+    if os.path.basename(path) == _run_config_file():
+        from clca_jax.training import workdirs
+
+        return workdirs.read_run_config(os.path.dirname(path))
     get_config = getattr(_run_file(path), "get_config", None)
     if get_config is None:
         raise ValueError(

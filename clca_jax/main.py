@@ -4,6 +4,8 @@
     python -m clca_jax.main --config=soyglobal --workdir=runs/soyglobal \
         --config.data.dir=/data/soyglobal --config.model.reduction.keep_rate=0.1
     python -m clca_jax.main --workdir=runs/soyglobal    # resume: the config the run saved
+    python -m clca_jax.main --workdir=runs/soyglobal --config=runs/soyglobal \
+        --config.train.epochs=60                        # go on with a saved field changed
 
 `--config` is a shipped config's name (`demo`, `soygene:tiny`) or a config file's path (see
 `clca_jax.config_files`). Every config field can be set on the command line
@@ -51,7 +53,10 @@ def saved_config(workdir: str):
     """The config of the run in `workdir`, for a restart given only --workdir."""
     workdir = os.path.expanduser(workdir)
     if not os.path.isfile(workdirs.run_config_path(workdir)):
-        raise app.UsageError(f"--config is needed: {workdir} holds no run to resume.")
+        raise app.UsageError(
+            f"--config is needed: {workdir} holds no run to resume. (To go on with a run's "
+            "saved config with fields changed: --config=WORKDIR --config.FIELD=VALUE.)"
+        )
     return workdirs.read_run_config(workdir)
 
 

@@ -27,6 +27,7 @@ gradient is not finite changes nothing; `train.on_nonfinite` says whether the ru
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -606,6 +607,25 @@ def kept_picture_fn(model: VisionTransformer, config):
     return draw
 
 
+PATH_FIELDS = (
+    ("data", "dir"),
+    ("data", "image_folder"),
+    ("data", "tfds_dir"),
+    ("init", "checkpoint"),
+)
+
+
+def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose relative data and checkpoint paths are absolute (against the
+    working directory), so that the saved `config.json` resumes the run from any folder."""
+    resolved = copy.deepcopy(config)
+    for section, field in PATH_FIELDS:
+        value = resolved[section][field]
+        if value and not os.path.isabs(value) and not value.startswith("~"):
+            resolved[section][field] = os.path.abspath(value)
+    return resolved
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, events: LoopEvents | None = None
 ) -> dict:
@@ -628,6 +648,7 @@ def train_and_evaluate(
         found while training, which leave the earlier checkpoints as they were.
     """
     model = validate_config(config)
+    config = with_absolute_paths(config)
     workdir = workdirs.check_workdir_name(workdir)
     sharding.initialize_distributed(config.mesh.heartbeat_timeout_seconds)
     metrics_lib.quiet_library_logs()

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import pytest
 
-from clca_jax import flops, save_pretrained, train
+from clca_jax import config_files, flops, save_pretrained, train
 from clca_jax.models import create_model
 from tests import command_line
 from tests.test_train_loop import (
@@ -91,3 +92,39 @@ def test_main_without_config_on_a_new_workdir_says_what_is_missing(tmp_path):
     assert done.returncode == 1
     assert f"--config is needed: {tmp_path / 'new'} holds no run to resume" in done.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_workdir_is_a_config_spec_that_takes_overrides(interrupted_run, tmp_path):
+    """`--config=WORKDIR --config.FIELD=VALUE` goes on with the saved config, changed."""
+    config, workdir = interrupted_run
+    assert config_files.load(workdir).to_dict() == train.with_absolute_paths(config).to_dict()
+    with pytest.raises(ValueError, match="is a workdir; its saved config takes no variant"):
+        config_files.load(f"{workdir}:tiny")
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    done = command_line.run(
+        [
+            "-m",
+            "clca_jax.main",
+            f"--config={copy}",
+            f"--workdir={copy}",
+            "--config.train.epochs=3",
+            "--config.train.log_every_steps=1",
+        ],
+        cwd=elsewhere(tmp_path),
+        tmp=str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(copy, "summary.json")) as f:
+        assert json.load(f)["steps"] == 9  # 3 epochs of 3 steps
+
+
+def test_relative_paths_are_saved_absolute(tmp_path, monkeypatch):
+    """A run started with a relative data.dir resumes from any folder."""
+    monkeypatch.chdir(tmp_path)
+    fabricated_folder(str(tmp_path / "data"))
+    config = tiny_config("data")
+    assert train.with_absolute_paths(config).data.dir == str(tmp_path / "data")
+    assert config.data.dir == "data"  # the caller's config is left as it was
+    config.init.checkpoint = "/abs/model"
+    assert train.with_absolute_paths(config).init.checkpoint == "/abs/model"
