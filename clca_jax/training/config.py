@@ -2,9 +2,9 @@
 
 A config is an `ml_collections.ConfigDict` grouped as `data`, `model`, `init`, `optim`,
 `train`, `eval`, `checkpoint` and `mesh`, plus `seed`. `default_config()` holds every field a
-user may set, with the reference recipe (spec 6.1) as defaults; `configs/common.py` starts from
-it. `validate_config` checks a config once, before any device, file or compile is touched, and
-says which field is wrong, the value it saw and what it accepts.
+user may set, with the reference recipe (spec 6.1) as defaults; `clca_jax/configs/common.py`
+starts from it. `validate_config` checks a config once, before any device, file or compile is
+touched, and says which field is wrong, the value it saw and what it accepts.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def _check_fields(
         if key not in config:
             raise ValueError(
                 f"{prefix}.{key} is missing; start configs from "
-                "clca_jax.training.config.default_config() (configs/common.py does)."
+                "clca_jax.training.config.default_config() (clca_jax/configs/common.py does)."
             )
         if isinstance(reference[key], ml_collections.ConfigDict):
             if not isinstance(config[key], ml_collections.ConfigDict):
