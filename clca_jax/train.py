@@ -311,7 +311,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, recipe=No
     with `recipe.label_smoothing`) plus the model's `aux['extra_loss']` (DynamicViT's ratio
     loss), when it reports one. With `mixup` (a `training.mixup.Mixup`) the batch is mixed first
     with draws from `fold_in(key, MIX_STREAM)`, which sets `batch['soft_label']`. With
-    `recipe.ema_decay > 0` the weight average follows the step. No `recipe`: `Recipe()`.
+    `recipe.ema_decay > 0` the weight average follows the step. With
+    `recipe.log_gradient_norms` the metrics also hold the norms of the step's gradients (before
+    any clipping) per top-level parameter (`metrics.gradient_norms`). No `recipe`: `Recipe()`.
     """
     recipe = Recipe() if recipe is None else recipe
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -347,8 +349,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, recipe=No
     # A bad step changes nothing but the step count, so the data and noise streams stay aligned.
     kept = jax.tree.map(lambda new, old: jnp.where(what < 0, new, old), updated, state)
     new_state = kept.replace(step=state.step + 1)
+    grad_norms = metrics_lib.gradient_norms(grads) if recipe.log_gradient_norms else None
     step_metrics = metrics_lib.train_step_metrics(
-        loss, schedule(state.step), logits, batch["label"], new_state.step, what
+        loss, schedule(state.step), logits, batch["label"], new_state.step, what, grad_norms
     )
     return new_state, step_metrics
 
@@ -361,16 +364,23 @@ class Recipe:
       label_smoothing: `train.label_smoothing`.
       ema_decay: `train.ema_decay` (0: no weight average).
       ema_warmup: `train.ema_warmup`.
+      log_gradient_norms: `train.log_gradient_norms`.
     """
 
     label_smoothing: float = 0.0
     ema_decay: float = 0.0
     ema_warmup: bool = False
+    log_gradient_norms: bool = False
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> Recipe:
         train = config.train
-        return cls(float(train.label_smoothing), float(train.ema_decay), bool(train.ema_warmup))
+        return cls(
+            float(train.label_smoothing),
+            float(train.ema_decay),
+            bool(train.ema_warmup),
+            bool(train.log_gradient_norms),
+        )
 
 
 def nonfinite_what(loss, grads) -> jax.Array:
@@ -534,12 +544,14 @@ def check_finite(run: Run, running) -> None:
 
 
 def report_train(run: Run, progress, step: int, steps_per_epoch: int, running) -> None:
-    """Writes the running averages to TensorBoard and one progress line to the log."""
+    """Writes the running averages (and gradient norms, when logged) to TensorBoard and one
+    progress line to the log."""
     scalars = metrics_lib.to_floats(running)
     scalars.update(progress.update(step))
-    run.writer.write_scalars(
-        step, {f"train/{k}": v for k, v in metrics_lib.in_percent(scalars).items()}
-    )
+    tagged = {f"train/{k}": v for k, v in metrics_lib.in_percent(scalars).items()}
+    norms = metrics_lib.gradient_norm_floats(running)
+    tagged.update({f"{metrics_lib.GRAD_NORM_PREFIX}{k}": v for k, v in norms.items()})
+    run.writer.write_scalars(step, tagged)
     epoch = -(-step // steps_per_epoch)
     logging.info(progress.line(step, epoch, run.config.train.epochs, scalars))
 

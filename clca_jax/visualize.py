@@ -1,5 +1,5 @@
-"""Pictures of a run: the patches every reduction stage keeps, where the class token looks, and
-accuracy / throughput plots over the workdirs of a sweep.
+"""Pictures of a run: the patches every reduction stage keeps, where the class token looks,
+accuracy / throughput plots over the workdirs of a sweep, and the gradient norms of runs.
 
     # patches kept (dropping methods) or merged (ToMe, DPC-KNN, SiT, PatchMerger) at every
     # reduction block, one row per run; --index takes an image of the run's evaluation split
@@ -9,6 +9,8 @@ accuracy / throughput plots over the workdirs of a sweep.
     python -m clca_jax.visualize attention --workdir=runs/demo --image=leaf.png --out=attn.png
     # top-1 against GMACs and images/s against keep rate, from the runs' summary.json files
     python -m clca_jax.visualize sweep --workdir=runs/sweep --out=plots
+    # per-block gradient norms over the steps, runs side by side (train.log_gradient_norms=True)
+    python -m clca_jax.visualize gradients --workdir=runs/evit_clca,runs/evit --out=grads.png
 
 A workdir is a training workdir (`clca_jax.main --workdir`) or a converted model directory
 (`tools/convert_timm_weights.py --out`, which has no data, so it needs --image).
@@ -45,6 +47,7 @@ from clca_jax.models.config import clca_in_use
 from clca_jax.models.reduction import METHODS
 from clca_jax.models.vit import Attention
 from clca_jax.training import evaluation, sharding, workdirs
+from clca_jax.training import metrics as metrics_lib
 
 DIMMED = 0.3  # share of the image left in a dropped patch, blended with DROPPED_COLOR
 DROPPED_COLOR = np.asarray([0.35, 0.35, 0.45], np.float32)
@@ -501,6 +504,83 @@ def save_sweep_plots(paths: Sequence[str], out_dir: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Gradient norms of runs (`train.log_gradient_norms`), from their TensorBoard files.
+
+
+def read_gradient_norms(workdir: str) -> dict[str, dict[int, float]]:
+    """Part name -> {step: averaged gradient norm} of a run; a step logged twice (a resumed
+    run repeats the steps after its checkpoint) keeps the later value.
+
+    Raises:
+      ValueError: the run logged no gradient norms.
+    """
+    norms: dict[str, dict[int, float]] = {}
+    for event in metrics_lib.read_events(os.path.join(workdir, "tensorboard")):
+        for value in event.summary.value:
+            if value.tag.startswith(metrics_lib.GRAD_NORM_PREFIX) and value.HasField(
+                "simple_value"
+            ):
+                part = value.tag[len(metrics_lib.GRAD_NORM_PREFIX) :]
+                norms.setdefault(part, {})[event.step] = value.simple_value
+    if not norms:
+        raise ValueError(
+            f"{workdir} has no gradient norms in its TensorBoard files; train it with "
+            "--config.train.log_gradient_norms=True to log them."
+        )
+    return norms
+
+
+def part_order(part: str) -> tuple:
+    """Input side first: the embedding, the blocks by index, the cache, the heads, the
+    global norm last."""
+    if part.startswith("blocks_") and part[len("blocks_") :].isdigit():
+        return (1, int(part[len("blocks_") :]), part)
+    if part == metrics_lib.GLOBAL_NORM:
+        return (3, 0, part)
+    first = ("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre")
+    return (0, first.index(part), part) if part in first else (2, 0, part)
+
+
+def run_title(workdir: str) -> str:
+    """The run's folder name and its reduction setting (from its saved config)."""
+    name = os.path.basename(os.path.normpath(workdir))
+    try:
+        config = workdirs.read_run_config(workdir)
+    except (FileNotFoundError, ValueError):
+        return name
+    return f"{name}: {model_label(create_model(config.model))}"
+
+
+def plot_gradient_norms(runs: Sequence[tuple[str, dict]]) -> Figure:
+    """One column per run: each part's gradient norm over the steps (log scale), and below it
+    each part's mean over the logged steps as bars; the axes of a row are shared."""
+    figure = Figure(figsize=(5.5 * len(runs) + 2.0, 7.0), layout="constrained")
+    axes = figure.subplots(2, len(runs), squeeze=False, sharey="row")
+    colors = matplotlib.colormaps["viridis"]
+    for column, (title, norms) in enumerate(runs):
+        parts = sorted(norms, key=part_order)
+        lines, bars = axes[0, column], axes[1, column]
+        for index, part in enumerate(parts):
+            steps = sorted(norms[part])
+            color = "black" if part == metrics_lib.GLOBAL_NORM else colors(index / len(parts))
+            lines.plot(steps, [norms[part][s] for s in steps], label=part, color=color)
+        means = [np.mean(list(norms[part].values())) for part in parts]
+        bars.bar(range(len(parts)), means, color=[line.get_color() for line in lines.lines])
+        bars.set_xticks(range(len(parts)), parts, rotation=60, ha="right", fontsize=8)
+        lines.set_yscale("log")
+        lines.set_title(title)
+        lines.set_xlabel("train step")
+        lines.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        bars.set_xlabel("parameters")
+        lines.grid(alpha=0.3)
+        bars.grid(alpha=0.3, axis="y")
+        lines.legend(fontsize=7, ncol=2)
+    axes[0, 0].set_ylabel("gradient L2 norm (mean per report)")
+    axes[1, 0].set_ylabel("gradient L2 norm (mean over steps)")
+    return figure
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading runs and the command line.
 
 
@@ -557,6 +637,12 @@ def _sweep_command(args) -> list[str]:
     return save_sweep_plots(args.workdir, args.out)
 
 
+def _gradients_command(args) -> list[str]:
+    directories = args.workdir.split(",")
+    runs = [(run_title(d), read_gradient_norms(d)) for d in directories]
+    return [save_figure(plot_gradient_norms(runs), args.out, args.dpi)]
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clca-visualize", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -584,13 +670,27 @@ def make_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help=sweep_help, description=sweep_help)
     sweep.add_argument("--workdir", nargs="+", required=True, help="runs, or folders of runs")
     sweep.add_argument("--out", required=True, help="folder for the two PNG files")
+    gradients_help = "per-block gradient norms over the steps, one column per run"
+    gradients = commands.add_parser("gradients", help=gradients_help, description=gradients_help)
+    gradients.add_argument(
+        "--workdir",
+        required=True,
+        help="runs trained with train.log_gradient_norms=True, comma-separated",
+    )
+    gradients.add_argument("--out", required=True, help="PNG file to write")
+    gradients.add_argument("--dpi", type=int, default=100)
     for sub in commands.choices.values():
         sub.add_argument("--overwrite", action="store_true", help="replace existing PNG files")
         sub.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
-COMMANDS = {"kept": _kept_command, "attention": _attention_command, "sweep": _sweep_command}
+COMMANDS = {
+    "kept": _kept_command,
+    "attention": _attention_command,
+    "sweep": _sweep_command,
+    "gradients": _gradients_command,
+}
 
 
 def outputs(args) -> list[str]:

@@ -4,10 +4,8 @@ The helpers here (`tiny_config`, `fabricated_folder`, `build`, `restore_state` a
 `compilation_cache` fixture) are shared by the other training tests.
 """
 
-import glob
 import json
 import os
-import struct
 
 import jax
 import numpy as np
@@ -17,6 +15,7 @@ from clca_jax import train
 from clca_jax.data import fabricate
 from clca_jax.models import create_model
 from clca_jax.training import checkpoint, sharding
+from clca_jax.training import metrics as metrics_lib
 from clca_jax.training.config import default_config
 
 NUM_CLASSES = 3
@@ -187,26 +186,6 @@ def test_resume_with_another_batch_size_is_refused(data_dir, tmp_path):
         train.train_and_evaluate(tiny_config(data_dir, train__batch_size=4), workdir)
 
 
-def tensorboard_events(workdir: str) -> list:
-    """Every event of the run's TensorBoard files (TFRecord framing read directly)."""
-    from tensorboardX.proto import event_pb2
-
-    events = []
-    for path in sorted(
-        glob.glob(os.path.join(workdir, "tensorboard", "**", "events.*"), recursive=True)
-    ):
-        with open(path, "rb") as f:
-            raw = f.read()
-        offset = 0
-        while offset < len(raw):
-            (length,) = struct.unpack("<Q", raw[offset : offset + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(raw[offset + 12 : offset + 12 + length])
-            events.append(event)
-            offset += 12 + length + 4
-    return events
-
-
 def test_accuracy_is_a_percentage_everywhere_and_tensorboard_has_config_and_pictures(
     data_dir, tmp_path
 ):
@@ -218,7 +197,7 @@ def test_accuracy_is_a_percentage_everywhere_and_tensorboard_has_config_and_pict
     summary = train.train_and_evaluate(config, workdir)
     values = {}
     tags = set()
-    for event in tensorboard_events(workdir):
+    for event in metrics_lib.read_events(os.path.join(workdir, train.TENSORBOARD_DIR)):
         for value in event.summary.value:
             tags.add(value.tag)
             if value.HasField("simple_value"):

@@ -45,6 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
       `drop_path_rate` and `dropout_rate`) default to the reference recipe; the README's
       "Training recipe" section describes each.
       `train.mixup`: Mixup/CutMix of each global batch (`training.mixup`), off by default.
+      `train.log_gradient_norms`: also log the gradient norm of every top-level parameter
+      (each block, the CLA/IFA head, the CLR tokens, the patch embedding, the classifier) to
+      TensorBoard as `grad_norm/<part>` every `log_every_steps`; off by default.
     """
     return ml_collections.ConfigDict(
         {
@@ -79,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
                 "label_smoothing": 0.0,
                 "ema_decay": 0.0,
                 "ema_warmup": False,
+                "log_gradient_norms": False,
                 "mixup": default_mixup_config(),
             },
             "eval": {"batch_size": 48, "every_epochs": 0, "select": "raw"},
@@ -224,6 +228,7 @@ def _check_recipe(config: ml_collections.ConfigDict) -> None:
     _check_fraction(train, "label_smoothing", "train")
     _check_fraction(train, "ema_decay", "train")
     _check_bool(train, "ema_warmup", "train")
+    _check_bool(train, "log_gradient_norms", "train")
     _check_choice(config.eval, "select", EVAL_WEIGHTS, "eval")
     if config.eval.select == "ema" and not train.ema_decay:
         raise ValueError(

@@ -1,20 +1,23 @@
 """Metrics (clu), TensorBoard event files, the console progress line, the run summary.
 
 TensorBoard files are written with `tensorboardX`, which needs no TensorFlow (clu's own writers
-import it). Only process 0 writes anything.
+import it), and read back with `read_events`. Only process 0 writes anything.
 
 clu reads the metric types from the collections' annotations, so this module must not use
 `from __future__ import annotations`.
 """
 
+import glob
 import json
 import logging
 import os
+import struct
 import time
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 from clu import metrics
 
 TOP_K = 5
@@ -79,7 +82,61 @@ class TrainMetrics(metrics.Collection):
     nonfinite: NonFinite
 
 
-def train_step_metrics(loss, learning_rate, logits, labels, step, nonfinite_what):
+GLOBAL_NORM = "global"  # the part name of the norm of all gradients together
+GRAD_NORM_PREFIX = "grad_norm/"  # their TensorBoard tags: `grad_norm/<part>`
+
+
+def gradient_norms(grads) -> dict[str, jax.Array]:
+    """The L2 norm of the gradients of each top-level parameter (a transformer block
+    `blocks_i`, the `cla_head` or `ifa_head`, the cache's `clr` tokens, `patch_embed`, the
+    classifier `head`, ...), so that the parts hold every parameter once, and under
+    `GLOBAL_NORM` the norm of them all."""
+    norms = {name: optax.tree.norm(part) for name, part in grads.items()}
+    norms[GLOBAL_NORM] = jnp.sqrt(sum(jnp.square(norm) for norm in norms.values()))
+    return norms
+
+
+@flax.struct.dataclass
+class GradientNorms(metrics.Metric):
+    """Per-part gradient norms (see `gradient_norms`) averaged over the finite steps.
+
+    Attributes:
+      names: the part names, in the order of `total` (static).
+      total: [parts] sum of each part's norm over the finite steps.
+      count: how many steps were finite.
+    """
+
+    names: tuple[str, ...] = flax.struct.field(pytree_node=False)
+    total: jax.Array
+    count: jax.Array
+
+    @classmethod
+    def from_model_output(cls, grad_norms, nonfinite_what, **_) -> "GradientNorms":
+        finite = nonfinite_what < 0
+        names = tuple(grad_norms)
+        values = jnp.stack([grad_norms[name] for name in names])
+        return cls(names, jnp.where(finite, values, 0.0), finite.astype(jnp.int32))
+
+    def merge(self, other: "GradientNorms") -> "GradientNorms":
+        return type(self)(self.names, self.total + other.total, self.count + other.count)
+
+    def compute(self) -> jax.Array:
+        return self.total / self.count
+
+
+TrainMetricsWithGradients = flax.struct.dataclass(
+    type(
+        "TrainMetricsWithGradients",
+        (metrics.Collection,),
+        {
+            "__annotations__": dict(TrainMetrics.__annotations__, grad_norms=GradientNorms),
+            "__doc__": "`TrainMetrics` plus the averaged per-part gradient norms.",
+        },
+    )
+)
+
+
+def train_step_metrics(loss, learning_rate, logits, labels, step, nonfinite_what, grad_norms=None):
     """The metrics of one train step.
 
     Args:
@@ -90,14 +147,19 @@ def train_step_metrics(loss, learning_rate, logits, labels, step, nonfinite_what
       step: the step count after this step.
       nonfinite_what: -1 when loss and gradients were finite, else what was not (see
         `NonFinite`).
+      grad_norms: None, or `gradient_norms` of the step's gradients (then the collection is a
+        `TrainMetricsWithGradients`).
     """
-    return TrainMetrics.single_from_model_output(
+    outputs = dict(
         loss=loss,
         learning_rate=learning_rate,
         nonfinite_step=step,
         nonfinite_what=nonfinite_what,
         **top_k_correct(logits, labels),
     )
+    if grad_norms is None:
+        return TrainMetrics.single_from_model_output(**outputs)
+    return TrainMetricsWithGradients.single_from_model_output(grad_norms=grad_norms, **outputs)
 
 
 @flax.struct.dataclass
@@ -126,9 +188,20 @@ def merge(total, new):
 
 
 def to_floats(collection) -> dict[str, float]:
-    """Host floats of a collection's scalar values (the non-finite record is left out)."""
+    """Host floats of a collection's scalar values (the non-finite record and the gradient
+    norms are left out)."""
     values = collection.compute()
-    return {key: float(value) for key, value in values.items() if key != "nonfinite"}
+    left_out = ("nonfinite", "grad_norms")
+    return {key: float(value) for key, value in values.items() if key not in left_out}
+
+
+def gradient_norm_floats(collection) -> dict[str, float]:
+    """Part name -> averaged gradient norm of a train collection; empty without the norms."""
+    norms = getattr(collection, "grad_norms", None)
+    if norms is None:
+        return {}
+    values = jax.device_get(norms.compute())
+    return {name: float(value) for name, value in zip(norms.names, values, strict=True)}
 
 
 def first_nonfinite(collection) -> tuple[int, int, int] | None:
@@ -187,6 +260,29 @@ class MetricWriter:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def read_events(logdir: str) -> list:
+    """Every event of the TensorBoard files under `logdir` (sub-folders too), file by file in
+    name order; the TFRecord framing is read directly, so no TensorFlow is needed.
+
+    Returns:
+      `tensorboardX.proto.event_pb2.Event` messages.
+    """
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    pattern = os.path.join(logdir, "**", "events.*")
+    for path in sorted(glob.glob(pattern, recursive=True)):
+        with open(path, "rb") as f:
+            raw = f.read()
+        offset = 0
+        # Each record: uint64 length, uint32 CRC of it, the data, uint32 CRC of the data.
+        while offset + 12 <= len(raw):
+            (length,) = struct.unpack("<Q", raw[offset : offset + 8])
+            events.append(event_pb2.Event.FromString(raw[offset + 12 : offset + 12 + length]))
+            offset += 12 + length + 4
+    return events
 
 
 def flat_hparams(config) -> dict:
