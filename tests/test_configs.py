@@ -72,9 +72,7 @@ def test_demo_config_is_valid_and_small():
     validate_config(config)
     assert config.data.name == "demo" and config.init.checkpoint == ""
     model = create_model(config.model)
-    variables = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
-    )
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), model.example_images()))
     assert evaluation.count_parameters(variables["params"]) < 2_000_000
 
 

@@ -112,9 +112,10 @@ def test_two_processes_train_like_one_process_with_four_devices(setup):
     for step in expected:
         assert len(actual[step]) == 1  # one writer: each step logged once
         np.testing.assert_allclose(list(actual[step]), list(expected[step]), rtol=1e-5)
-    # Process 0 alone writes the TensorBoard file, the config and the summary.
+    # Process 0 alone writes the TensorBoard file, the config, the class names and the summary.
     assert len(os.listdir(os.path.join(double, "tensorboard"))) == 1
     assert sorted(f for f in os.listdir(double) if f.endswith(".json")) == [
+        "classes.json",
         "config.json",
         "summary.json",
     ]
