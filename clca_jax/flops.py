@@ -71,7 +71,7 @@ def head_macs(model: VisionTransformer, last_tokens: int) -> int:
     depths = len(model.reduction.locations) + 1
     head = model.clca.head
     if head == "cla":
-        kernels = 2
+        kernels = model.clca.kernels_per_channel
         return (
             depths * width + kernels * width * depths + kernels * width + classes * kernels * width
         )

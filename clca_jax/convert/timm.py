@@ -343,6 +343,7 @@ def convert_state_dict(
         antialias = False
     model = create_model(model_config)
     check_architecture(state, model.backbone, model_config.backbone)
+    check_cla_kernels(state, model)
     dummy = model.example_images()
     converter = _Converter(
         model=model,
@@ -368,6 +369,22 @@ def convert_state_dict(
             )
         report.drop(key, why)
     return _unflatten(leaves), report
+
+
+def check_cla_kernels(state: dict, model: VisionTransformer) -> None:
+    """Refuses a CLA head checkpoint whose depthwise kernels per channel differ from the
+    config's (the reference's `--ifa_dws_conv_groups`)."""
+    key = "ifa_head.0.1.weight"  # the depthwise convolution, [kernels * D, 1, depths]
+    if model.clca.head != "cla" or key not in state:
+        return
+    stored = state[key].shape[0] / model.backbone.embed_dim
+    wanted = model.clca.kernels_per_channel
+    if stored != wanted:
+        raise ConversionError(
+            f"The checkpoint's CLA head has {stored:g} kernels per channel ({key} of shape "
+            f"{tuple(state[key].shape)}) but model.clca.kernels_per_channel is {wanted}; set "
+            f"model.clca.kernels_per_channel={stored:g}."
+        )
 
 
 def _unused_reason(key: str, model_config: ml_collections.ConfigDict) -> str | None:

@@ -8,6 +8,7 @@ import ml_collections
 from clca_jax.models.config import (
     default_model_config,
     input_normalization,
+    keep_rate_option,
     validate_model_config,
 )
 from clca_jax.models.reduction import METHODS, NO_REDUCTION, Method, get_method, register_method
@@ -52,9 +53,11 @@ def create_model(
         num_classes=model_config.num_classes,
         reduction=ReductionOptions(
             method=model_config.reduction.method,
-            keep_rate=float(model_config.reduction.keep_rate),
+            keep_rate=keep_rate_option(model_config.reduction.keep_rate),
             locations=tuple(model_config.reduction.locations),
             ats_distance=model_config.reduction.ats_distance,
+            dpcknn_k=model_config.reduction.dpcknn_k,
+            dynamicvit_ratio_weight=float(model_config.reduction.dynamicvit_ratio_weight),
         ),
         clca=ClcaOptions(**model_config.clca.to_dict()),
         dtype=jnp.dtype(model_config.dtype),

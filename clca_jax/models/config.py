@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 
 import ml_collections
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 from clca_jax import normalization
 from clca_jax.models import registry
@@ -21,11 +23,43 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_CHOICES = ("auto", "per_image", "batched")
 
 
+class _KeepRateType(type):
+    def __instancecheck__(cls, value) -> bool:
+        return isinstance(value, int | float | list | tuple) and not isinstance(value, bool)
+
+
+class KeepRate(metaclass=_KeepRateType):
+    """The type of `model.reduction.keep_rate`: a number or a list of numbers, so a config
+    may hold either (a plain float field refuses a list) while a string is still refused."""
+
+
+class _KeepRateParser(flags.ArgumentParser):
+    """`--config.model.reduction.keep_rate=0.1` or `='(0.5, 0.3, 0.2)'` on the command line."""
+
+    def parse(self, argument):
+        if not isinstance(argument, str):
+            return argument
+        try:
+            value = ast.literal_eval(argument)
+        except (ValueError, SyntaxError):
+            raise ValueError(
+                f"model.reduction.keep_rate must be a number or a list such as (0.5, 0.3, 0.2), "
+                f"got {argument!r}."
+            ) from None
+        # One rate stays a float, as the field was before it took lists (`=1` is 1.0).
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+config_flags.register_flag_parser_for_type(KeepRate, _KeepRateParser())
+
+
 def default_model_config() -> ml_collections.ConfigDict:
     """The `model` section with every field a user may set.
 
     `embed_dim`, `depth` and `num_heads` default to the backbone's own values; setting them
     builds a smaller or larger model of the same family (tests, laptop-sized runs).
+    `reduction.keep_rate` takes one rate or a list with one entry per location (the official
+    `--keep_rate r1 r2 ...`), so its field accepts either type.
     """
     return ml_collections.ConfigDict(
         {
@@ -42,9 +76,11 @@ def default_model_config() -> ml_collections.ConfigDict:
             "dropout_rate": 0.0,
             "reduction": {
                 "method": NO_REDUCTION,
-                "keep_rate": 1.0,
+                "keep_rate": ml_collections.FieldReference(1.0, field_type=KeepRate),
                 "locations": (3, 6, 9),
                 "ats_distance": "torch_cdist",
+                "dpcknn_k": 5,
+                "dynamicvit_ratio_weight": 2.0,
             },
             "clca": {
                 "head": NO_HEAD,
@@ -55,6 +91,7 @@ def default_model_config() -> ml_collections.ConfigDict:
                 "pool_cls": False,
                 "pool_clr": False,
                 "protect_cache": False,
+                "kernels_per_channel": 2,
             },
         }
     )
@@ -151,16 +188,31 @@ def _validate_reduction(reduction: ml_collections.ConfigDict, depth: int, clca_u
         )
     method = get_method(reduction.method)
     keep_rate = reduction.keep_rate
-    if isinstance(keep_rate, bool) or not isinstance(keep_rate, int | float):
-        raise ValueError(f"model.reduction.keep_rate must be a number, got {keep_rate!r}.")
-    if not 0.0 < keep_rate <= 1.0:
+    locations = tuple(reduction.locations)
+    if isinstance(keep_rate, list | tuple):
+        _validate_keep_rates(tuple(keep_rate), method, locations)
+    elif not _is_number(keep_rate):
+        raise ValueError(
+            f"model.reduction.keep_rate must be a number or a list with one entry per "
+            f"location, got {keep_rate!r}."
+        )
+    elif not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"model.reduction.keep_rate must be in (0, 1], got {keep_rate}.")
+    neighbours = reduction.dpcknn_k
+    if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
+        raise ValueError(
+            f"model.reduction.dpcknn_k must be a positive integer, got {neighbours!r}."
+        )
+    weight = reduction.dynamicvit_ratio_weight
+    if not _is_number(weight) or weight < 0:
+        raise ValueError(
+            f"model.reduction.dynamicvit_ratio_weight must be a number >= 0, got {weight!r}."
+        )
     if reduction.ats_distance not in ATS_DISTANCES:
         raise ValueError(
             f"model.reduction.ats_distance must be one of {', '.join(ATS_DISTANCES)}; "
             f"got {reduction.ats_distance!r}."
         )
-    locations = tuple(reduction.locations)
     if not all(isinstance(loc, int) and not isinstance(loc, bool) for loc in locations):
         raise ValueError(f"model.reduction.locations must be integers, got {locations!r}.")
     if not method.reduces and not clca_used:
@@ -179,6 +231,44 @@ def _validate_reduction(reduction: ml_collections.ConfigDict, depth: int, clca_u
         )
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _validate_keep_rates(keep_rates: tuple, method, locations: tuple) -> None:
+    """A per-stage list: one entry per location, ratios or counts as the method reads them."""
+    field = "model.reduction.keep_rate"
+    if len(keep_rates) != len(locations):
+        raise ValueError(
+            f"{field} has {len(keep_rates)} entries {list(keep_rates)} but "
+            f"model.reduction.locations has {len(locations)} {list(locations)}; give one "
+            "entry per location, or a single rate."
+        )
+    if method.keep_rate_kind == "count":
+        least = method.min_stage_count
+        bad = [n for n in keep_rates if isinstance(n, bool) or not isinstance(n, int) or n < least]
+        if bad:
+            raise ValueError(
+                f"{field} lists token counts for {method.__name__} (one per location); "
+                f"{bad} in {list(keep_rates)} are not integers >= {least}."
+            )
+        return
+    bad = [r for r in keep_rates if not _is_number(r) or not 0.0 < r <= 1.0]
+    if bad:
+        raise ValueError(
+            f"{field} lists keep ratios for {method.__name__} (one per location); {bad} in "
+            f"{list(keep_rates)} are not numbers in (0, 1]."
+        )
+
+
+def keep_rate_option(keep_rate) -> float | tuple:
+    """`model.reduction.keep_rate` as the model takes it: a float, or a tuple of the entries
+    (floats for ratios, ints for counts) of a per-stage list."""
+    if isinstance(keep_rate, list | tuple):
+        return tuple(keep_rate)
+    return float(keep_rate)
+
+
 def clca_in_use(clca) -> bool:
     """Whether a `model.clca` section (or `ClcaOptions`) turns on the head or the cache."""
     return clca.head != NO_HEAD or clca.clc
@@ -190,6 +280,11 @@ def _validate_clca(clca: ml_collections.ConfigDict) -> None:
     num_clr = clca.num_clr
     if isinstance(num_clr, bool) or not isinstance(num_clr, int) or num_clr < 0:
         raise ValueError(f"model.clca.num_clr must be an integer >= 0, got {num_clr!r}.")
+    kernels = clca.kernels_per_channel
+    if isinstance(kernels, bool) or not isinstance(kernels, int) or kernels < 1:
+        raise ValueError(
+            f"model.clca.kernels_per_channel must be a positive integer, got {kernels!r}."
+        )
     for flag in ("clc", "include_gap", "recover_at_last", "pool_cls", "pool_clr", "protect_cache"):
         if not isinstance(clca[flag], bool):
             raise ValueError(f"model.clca.{flag} must be True or False, got {clca[flag]!r}.")

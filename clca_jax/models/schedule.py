@@ -27,16 +27,24 @@ class ClcaOptions:
     pool_cls: bool = False
     pool_clr: bool = False
     protect_cache: bool = False
+    kernels_per_channel: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class ReductionOptions:
-    """The `model.reduction` fields."""
+    """The `model.reduction` fields.
+
+    Attributes:
+      keep_rate: one rate, or a tuple with one entry per location (ratios or token counts,
+        as the method's `keep_rate_kind` says).
+    """
 
     method: str = NO_REDUCTION
-    keep_rate: float = 1.0
+    keep_rate: float | tuple = 1.0
     locations: tuple[int, ...] = (3, 6, 9)
     ats_distance: str = "torch_cdist"
+    dpcknn_k: int = 5
+    dynamicvit_ratio_weight: float = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +153,9 @@ def build_schedule(
     pool_start = 0 if clca.pool_cls else 1 + num_registers
     num_clr = clca.num_clr
     protect = clca.protect_cache or method.protects_suffix
+    keep_rate = reduction.keep_rate
+    if not isinstance(keep_rate, tuple):
+        keep_rate = float(keep_rate)
 
     length = 1 + num_registers + num_patches + num_clr
     pool_end = length - num_clr if (num_clr and not clca.pool_clr) else length
@@ -157,13 +168,14 @@ def build_schedule(
             context = PlanContext(
                 stage=locations.index(index),
                 num_stages=len(locations),
-                keep_rate=float(reduction.keep_rate),
+                keep_rate=keep_rate,
                 num_patches=num_patches,
                 num_clr=num_clr,
                 tokens_in=length - num_registers,
                 protected=protected,
                 train=train,
                 clc=clca.clc,
+                options=reduction,
             )
             plan = method.plan(context)
             stage = Stage(context.stage, index, plan, length - num_registers, protected)

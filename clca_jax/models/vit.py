@@ -541,11 +541,16 @@ class VisionTransformer(nn.Module):
             logits = self.classifier(features)
         else:
             features = jnp.stack(cls_tokens, axis=1)  # [B, depths, D]
-            head = CLAHead if self.clca.head == "cla" else IFAHead
-            logits = head(self.num_classes, name=f"{self.clca.head}_head")(features, train)
+            if self.clca.head == "cla":
+                head = CLAHead(
+                    self.num_classes, self.clca.kernels_per_channel, name=f"{self.clca.head}_head"
+                )
+            else:
+                head = IFAHead(self.num_classes, name=f"{self.clca.head}_head")
+            logits = head(features, train)
         extra_loss = jnp.zeros((), jnp.float32)
         if losses:
-            extra_loss = method.loss_weight * jnp.mean(jnp.stack(losses))
+            extra_loss = method.loss_weight_of(self.reduction) * jnp.mean(jnp.stack(losses))
         aux = {
             "kept": tuple(kept),
             "token_counts": jnp.asarray(counts, jnp.int32),

@@ -59,7 +59,11 @@ def quantile_points(samples: int) -> np.ndarray:
 
 
 def sample_count(context: PlanContext) -> int:
-    return int(context.compounded() * context.num_patches) + 1
+    """K_s = int(kr**(s+1) * P) + 1, or the count a per-stage list gives (taken as is)."""
+    count = context.stage_count()
+    if count is None:
+        count = int(context.compounded() * context.num_patches) + 1
+    return count
 
 
 def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -155,6 +159,7 @@ class ATS(Method, nn.Module):
     distance: str = "torch_cdist"
     placement: ClassVar[str] = "inside"
     kept_kind: ClassVar[str] = "gathered"
+    keep_rate_kind: ClassVar[str] = "count"
 
     @staticmethod
     def plan(context: PlanContext) -> StagePlan:

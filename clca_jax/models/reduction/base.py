@@ -31,33 +31,57 @@ class PlanContext:
     Attributes:
       stage: index of this reduction among the reduction locations.
       num_stages: number of reduction locations.
-      keep_rate: the configured keep rate.
+      keep_rate: `model.reduction.keep_rate` as configured: one rate, or a tuple with one
+        entry per location (ratios or token counts, as the method's `keep_rate_kind` says;
+        read it through `stage_rate`, `compounded` and `stage_count`).
       num_patches: patch tokens P of the image.
       num_clr: CLR tokens.
       tokens_in: current sequence length (CLS included).
       protected: trailing tokens the method must leave alone.
       train: training mode (DynamicViT keeps every token while training).
       clc: the Cross-Layer Cache is on (DynamicViT's evaluation count depends on it).
+      options: the whole `model.reduction` section, for method-specific settings (DPC-KNN's
+        neighbour count); None where a caller plans without one.
     """
 
     stage: int
     num_stages: int
-    keep_rate: float
+    keep_rate: float | tuple
     num_patches: int
     num_clr: int
     tokens_in: int
     protected: int
     train: bool
     clc: bool
+    options: ReductionOptions | None = None
 
     @property
     def candidates(self) -> int:
         """Tokens the method may reduce: all but CLS and the protected suffix."""
         return self.tokens_in - 1 - self.protected
 
+    @property
+    def per_stage(self) -> bool:
+        """The keep rate is a list with one entry per location (the reference's `--keep_rate
+        r1 r2 ...`) rather than one rate."""
+        return isinstance(self.keep_rate, tuple)
+
+    def stage_rate(self) -> float:
+        """This stage's ratio relative to the current tokens (EViT, Top-K): the single keep
+        rate at every stage, or the list's entry."""
+        return self.keep_rate[self.stage] if self.per_stage else self.keep_rate
+
     def compounded(self) -> float:
-        """keep_rate ** (stage + 1), the per-stage ratio relative to P of most methods."""
+        """This stage's ratio relative to P: keep_rate ** (stage + 1), or the list's entry
+        (the reference compounds a single rate only)."""
+        if self.per_stage:
+            return self.keep_rate[self.stage]
         return self.keep_rate ** (self.stage + 1)
+
+    def stage_count(self) -> int | None:
+        """The token count a list gives this stage (methods whose `keep_rate_kind` is
+        "count"), or None for a single keep rate, which the method's formula turns into one."""
+        return self.keep_rate[self.stage] if self.per_stage else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +244,12 @@ class Method:
       merges: several input tokens become one (the pictures colour patches by their token).
       protects_suffix: the method never touches the CLR tokens and the cache's returned tokens
         (DPC-KNN), as `model.clca.protect_cache` makes every method do.
-      loss_weight: weight of the mean of the stages' `Reduced.loss` in the training loss.
+      keep_rate_kind: how a per-stage list in `model.reduction.keep_rate` reads, as in the
+        reference code: "ratio" (one keep ratio per location, in (0, 1]) or "count" (one
+        absolute token count per location; the single-rate formula is then bypassed).
+      min_stage_count: the smallest count a "count" list may give a stage.
+      loss_weight: weight of the mean of the stages' `Reduced.loss` in the training loss
+        (`loss_weight_of` may read it from the options instead).
       decays_clr: the reference model class of this method applies weight decay to the CLR
         tokens (only its plain ViT does, through a misspelt exclusion list).
       official_prefix: the reference checkpoint's module list of the per-stage parameters
@@ -237,6 +266,8 @@ class Method:
     kept_kind: ClassVar[str] = "positions"
     merges: ClassVar[bool] = False
     protects_suffix: ClassVar[bool] = False
+    keep_rate_kind: ClassVar[str] = "ratio"
+    min_stage_count: ClassVar[int] = 1
     loss_weight: ClassVar[float] = 0.0
     decays_clr: ClassVar[bool] = False
     official_prefix: ClassVar[str | None] = None
@@ -253,6 +284,12 @@ class Method:
         (`clca_jax.flops`: matmuls, linear layers, element-wise multiplies, LayerNorm and means
         count; adds, softmax, GELU, gathers, sorts and sums are free)."""
         raise NotImplementedError
+
+    @classmethod
+    def loss_weight_of(cls, options: ReductionOptions) -> float:
+        """Weight of the stages' mean `Reduced.loss` under these options (`loss_weight`)."""
+        del options
+        return cls.loss_weight
 
     @classmethod
     def build(cls, stage: Stage, options: ReductionOptions, name: str) -> nn.Module:

@@ -5,7 +5,9 @@ Before the block. Training keeps every token and masks the dropped ones out of e
 kept fraction of stage s towards `keep_rate**(s+1)`. Evaluation removes tokens: with the
 Cross-Layer Cache `int((S - 1) * kr)` of the S current non-CLS tokens are kept at every stage,
 without it `int(N0 * kr**(s+1))` of the N0 initial ones. Output: `[CLS, kept (descending keep
-score)]`.
+score)]`. A per-stage list of ratios replaces kr**(s+1) by its entries, as the reference's
+`--keep_rate r1 r2 ...`; the reference's cache branch then keeps `int((S - 1) * r1)` at every
+stage (it reads the first entry, which for a single rate is kr).
 """
 
 from __future__ import annotations
@@ -30,10 +32,19 @@ from clca_jax.models.reduction.base import (
     top_k_stable,
 )
 
+# The reference's `--ratio_weight`.
+RATIO_WEIGHT = 2.0
+
+
+def stage_ratio(keep_rate: float | tuple, stage: int) -> float:
+    """Target kept fraction of stage `stage`: kr**(s+1), or the per-stage list's entry."""
+    return keep_rate[stage] if isinstance(keep_rate, tuple) else keep_rate ** (stage + 1)
+
 
 def eval_keep_count(context: PlanContext) -> int:
     if context.clc:
-        return int((context.candidates - 1) * context.keep_rate)
+        first = context.keep_rate[0] if context.per_stage else context.keep_rate
+        return int((context.candidates - 1) * first)
     initial = context.num_patches + (0 if context.protected else context.num_clr)
     return int(initial * context.compounded())
 
@@ -74,14 +85,15 @@ class DynamicViT(Method, nn.Module):
 
     Attributes:
       stage: the schedule's step; `stage.plan.count` is the evaluation keep count.
-      keep_rate: the configured keep rate (the training target of stage s is kr**(s+1)).
+      keep_rate: the configured keep rate, one or per stage (the training target of stage s
+        is kr**(s+1) or the list's entry s).
     """
 
     stage: Stage
-    keep_rate: float = 1.0
+    keep_rate: float | tuple = 1.0
     placement: ClassVar[str] = "before"
     kept_kind: ClassVar[str] = "positions"  # evaluation mode
-    loss_weight: ClassVar[float] = 2.0  # the reference's ratio-loss weight
+    loss_weight: ClassVar[float] = RATIO_WEIGHT  # without options (`loss_weight_of`)
     official_prefix: ClassVar[str] = "score_predictor"
     official_names: ClassVar[dict] = {
         "predictor/norm": "in_conv.0",
@@ -107,6 +119,11 @@ class DynamicViT(Method, nn.Module):
         return predictor + body * (width // 4) * 2
 
     @classmethod
+    def loss_weight_of(cls, options) -> float:
+        """`model.reduction.dynamicvit_ratio_weight` (the reference's `--ratio_weight`)."""
+        return options.dynamicvit_ratio_weight
+
+    @classmethod
     def build(cls, stage: Stage, options, name: str) -> nn.Module:
         return cls(stage, keep_rate=options.keep_rate, name=name)
 
@@ -126,7 +143,7 @@ class DynamicViT(Method, nn.Module):
         if train:
             keep = hard_gumbel_keep(self.make_rng("reduction"), log_probs) * decision
             new_decision = tokens.decision.at[:, 1:end].set(keep)
-            target = self.keep_rate ** (self.stage.index + 1)
+            target = stage_ratio(self.keep_rate, self.stage.index)
             loss = jnp.mean((jnp.mean(keep, axis=1) - target) ** 2)
             return Reduced(Tokens(x=tokens.x, decision=new_decision), keep, loss)
         order = top_k_stable(log_probs[..., 0], self.stage.plan.count)

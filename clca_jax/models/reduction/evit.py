@@ -28,9 +28,12 @@ from clca_jax.models.reduction.base import (
 
 
 def plan_keep(context: PlanContext, extra_tokens: int) -> StagePlan:
-    """ceil(kr * candidates) kept, plus CLS, `extra_tokens` fused tokens and the suffix."""
+    """ceil(kr * candidates) kept, plus CLS, `extra_tokens` fused tokens and the suffix.
+
+    A per-stage list gives each stage its own kr (the reference: not compounded either way).
+    """
     candidates = context.candidates
-    left = math.ceil(context.keep_rate * candidates)
+    left = math.ceil(context.stage_rate() * candidates)
     if left == candidates:
         return StagePlan(count=left, tokens_out=context.tokens_in, active=False)
     if left < 1:

@@ -27,6 +27,8 @@ class PatchMerger(Method, nn.Module):
     placement: ClassVar[str] = "before"
     kept_kind: ClassVar[str] = "mixing"
     merges: ClassVar[bool] = True
+    keep_rate_kind: ClassVar[str] = "count"
+    min_stage_count: ClassVar[int] = 0  # the reference slims to CLS only at K = 0
     official_prefix: ClassVar[str] = "cluster_layers"
 
     plan: ClassVar = staticmethod(plan_slim)

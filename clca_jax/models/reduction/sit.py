@@ -27,8 +27,11 @@ from clca_jax.models.reduction.base import (
 
 
 def plan_slim(context: PlanContext) -> StagePlan:
-    """K_s = int(P * kr**(s+1)) new tokens after CLS (shared with PatchMerger)."""
-    count = int(context.num_patches * context.compounded())
+    """K_s = int(P * kr**(s+1)) new tokens after CLS (shared with PatchMerger), or the count a
+    per-stage list gives."""
+    count = context.stage_count()
+    if count is None:
+        count = int(context.num_patches * context.compounded())
     return StagePlan(count, 1 + count + context.protected)
 
 
@@ -43,6 +46,8 @@ class SiT(Method, nn.Module):
     placement: ClassVar[str] = "before"
     kept_kind: ClassVar[str] = "mixing"
     merges: ClassVar[bool] = True
+    keep_rate_kind: ClassVar[str] = "count"
+    min_stage_count: ClassVar[int] = 0  # the reference slims to CLS only at K = 0
     official_prefix: ClassVar[str] = "cluster_layers"
     official_names: ClassVar[dict] = {"norm": "weight.0", "fc1": "weight.1", "fc2": "weight.3"}
 

@@ -27,8 +27,14 @@ from clca_jax.models.reduction.base import (
 )
 
 
-def merge_target(num_patches: int, keep_rate: float, stage: int) -> int:
-    return int(num_patches * keep_rate ** (stage + 1)) if stage >= 0 else num_patches
+def merge_target(context: PlanContext, stage: int) -> int:
+    """Patch tokens left after stage `stage` (P before the first): int(P * kr**(s+1)), or the
+    count a per-stage list gives (the reference's `--keep_rate t1 t2 ...` for ToMe)."""
+    if stage < 0:
+        return context.num_patches
+    if context.per_stage:
+        return context.keep_rate[stage]
+    return int(context.num_patches * context.keep_rate ** (stage + 1))
 
 
 def bipartite_merge(
@@ -85,12 +91,12 @@ class ToMe(Method, nn.Module):
     placement: ClassVar[str] = "inside"
     kept_kind: ClassVar[str] = "destinations"
     merges: ClassVar[bool] = True
+    keep_rate_kind: ClassVar[str] = "count"
+    min_stage_count: ClassVar[int] = 0
 
     @staticmethod
     def plan(context: PlanContext) -> StagePlan:
-        requested = merge_target(
-            context.num_patches, context.keep_rate, context.stage - 1
-        ) - merge_target(context.num_patches, context.keep_rate, context.stage)
+        requested = merge_target(context, context.stage - 1) - merge_target(context, context.stage)
         merges = min(requested, context.candidates // 2)
         if merges <= 0:
             return StagePlan(count=0, tokens_out=context.tokens_in, active=False)
