@@ -229,12 +229,19 @@ class KeptTokens:
     merging: bool
 
 
+def keep_rate_text(keep_rate) -> str:
+    """`0.5`, or `(0.7, 0.5, 0.3)` for a per-stage list (ratios or token counts)."""
+    if isinstance(keep_rate, (list, tuple)):
+        return "(" + ", ".join(f"{value:g}" for value in keep_rate) + ")"
+    return f"{keep_rate:g}"
+
+
 def model_label(model) -> str:
     """`evit kr=0.5 + CLCA` style description of a model's reduction setting."""
     reduction = model.reduction
     label = reduction.method if model.method.reduces else "no reduction"
     if model.method.reduces:
-        label += f" kr={reduction.keep_rate:g}"
+        label += f" kr={keep_rate_text(reduction.keep_rate)}"
     if clca_in_use(model.clca):
         label += " + CLCA"
     return label
@@ -434,8 +441,11 @@ def summary_setting(summary: dict) -> tuple[str, float]:
     label = reduction["method"] if reduces else "no reduction"
     if clca_in_use(ml_collections.ConfigDict(model["clca"])):
         label += " + CLCA"
-    keep_rate = float(reduction["keep_rate"]) if reduces else 1.0
-    return f"{model['backbone']}: {label}", keep_rate
+    keep_rate = reduction["keep_rate"] if reduces else 1.0
+    if isinstance(keep_rate, (list, tuple)):
+        # A per-stage list has no place on a keep-rate axis: its own series, unannotated.
+        return f"{model['backbone']}: {label} kr={keep_rate_text(keep_rate)}", float("nan")
+    return f"{model['backbone']}: {label}", float(keep_rate)
 
 
 def series(summaries: Sequence[dict], x_key: str, y_key: str) -> dict[str, list]:
@@ -456,7 +466,7 @@ def _plot_series(grouped: dict, xlabel: str, ylabel: str, annotate: bool) -> Fig
         ax.plot(xs, ys, marker="o", label=label)
         if annotate:
             for x, y, keep_rate in points:
-                if keep_rate == 1:  # no reduction
+                if keep_rate == 1 or np.isnan(keep_rate):  # no reduction, or a per-stage list
                     continue
                 ax.annotate(f"{keep_rate:g}", (x, y), textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel(xlabel)

@@ -224,3 +224,15 @@ def test_a_run_without_reduction_counts_as_keep_rate_one(tmp_path):
     write_summary(tmp_path / "none", "none", 0.1, 50, 1.0)
     [summary] = visualize.load_summaries([str(tmp_path)])
     assert visualize.summary_setting(summary) == ("vit_small_patch8_224: no reduction + CLCA", 1.0)
+
+
+def test_a_per_stage_keep_rate_list_is_its_own_series_and_plots(tmp_path):
+    write_summary(tmp_path / "list", "evit", [0.7, 0.5], 60, 0.2)
+    write_summary(tmp_path / "single", "evit", 0.5, 55, 0.1)
+    summaries = visualize.load_summaries([str(tmp_path)])
+    label, keep_rate = visualize.summary_setting(summaries[0])
+    assert label == "vit_small_patch8_224: evit + CLCA kr=(0.7, 0.5)" and np.isnan(keep_rate)
+    assert visualize.keep_rate_text((0.7, 0.5)) == "(0.7, 0.5)"
+    assert visualize.keep_rate_text(0.5) == "0.5"
+    written = visualize.save_sweep_plots([str(tmp_path)], str(tmp_path / "plots"))
+    assert all(open(path, "rb").read(8) == PNG_MAGIC for path in written)
