@@ -119,3 +119,33 @@ def test_paper_notebook_without_the_dataset(kernel_name, tmp_path, monkeypatch):
     assert all(float(clca) > float(plain) for _, _, clca, plain in flops_rows)
     assert "No finished runs below RUNS=" in text
     assert not os.path.exists(missing)
+
+
+def install_cell(name: str) -> str:
+    """The source of the notebook's install cell (the code cell that defines `unmet`)."""
+    notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    cells = [c.source for c in notebook.cells if c.cell_type == "code" and "def unmet" in c.source]
+    assert len(cells) == 1
+    return cells[0]
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "reproduce_paper.ipynb"])
+def test_install_cell_without_package_checkout_or_url_says_what_to_set(name, tmp_path, monkeypatch):
+    """Opened on its own (no importable package, no checkout beside it) with REPO_URL unset, the
+    install cell stops with one message naming REPO_URL, before running pip."""
+    import importlib.util
+    import subprocess
+
+    (tmp_path / "notebook_folder").mkdir()
+    monkeypatch.chdir(tmp_path / "notebook_folder")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "clca_jax" else find_spec(n, *a)
+    )
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: ran.append(a))
+    with pytest.raises(SystemExit, match="set REPO_URL in the Parameters cell"):
+        exec(install_cell(name), {"REPO_URL": ""})
+    assert ran == []
+    exec(install_cell(name), {"REPO_URL": "https://example.org/clca_jax"})
+    assert ran[0][0][-1] == "git+https://example.org/clca_jax"
