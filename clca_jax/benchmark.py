@@ -7,7 +7,9 @@
 Each (method, keep rate, mode) runs in its own process, so peak memory and compile counts are
 its own. Times are medians of `--repeats` runs after a warm-up, with the device synchronised; the
 input batch is already on the device. Inference is the evaluation forward; training is one
-AdamW step (forward, backward, update, donated state). `peak_fraction` is the achieved
+AdamW step (forward, backward, update, donated state); `train_grad_norms` is that step plus the
+per-part gradient norms that `train.log_gradient_norms` logs (what the option costs), JAX only.
+`peak_fraction` is the achieved
 2 x MACs per second over the dense matmul peak measured in the same run. With `--torch`, the
 timm model of the same backbone and size (no reduction) is timed on the same inputs and threads.
 Every worker, PyTorch's included, runs with the same host allocator settings (`--host_malloc`).
@@ -92,8 +94,8 @@ class TrainLoop:
     def __call__(self):
         import jax
 
-        self.state = self.step(self.state, self.images, self.labels)
-        jax.block_until_ready(self.state)
+        self.state, outputs = self.step(self.state, self.images, self.labels)
+        jax.block_until_ready((self.state, outputs))
 
 
 def jax_measurement(spec: dict) -> dict:
@@ -106,6 +108,7 @@ def jax_measurement(spec: dict) -> dict:
     from clca_jax.flops import count_macs
     from clca_jax.models import create_model
     from clca_jax.pretrained import model_config_from_dict
+    from clca_jax.training import metrics as metrics_lib
 
     config = model_config_from_dict(spec["model"])
     model = create_model(config)
@@ -125,6 +128,7 @@ def jax_measurement(spec: dict) -> dict:
         return model.apply(variables, images, rngs={"reduction": jax.random.key(2)})[0]
 
     optimizer = optax.adamw(1e-4, weight_decay=0.05)
+    mode = spec["mode"]
 
     def train_step(state, images, labels):
         traces.append(1)
@@ -140,9 +144,9 @@ def jax_measurement(spec: dict) -> dict:
 
         grads, updates = jax.grad(loss_fn, has_aux=True)(params)
         changes, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, changes), updates, opt_state
+        norms = metrics_lib.gradient_norms(grads) if mode == "train_grad_norms" else {}
+        return (optax.apply_updates(params, changes), updates, opt_state), norms
 
-    mode = spec["mode"]
     if mode == "inference":
         function = jax.jit(forward)
         arguments = (variables, images)
@@ -163,7 +167,7 @@ def jax_measurement(spec: dict) -> dict:
         run = TrainLoop(function, *arguments)
     seconds = median_seconds(run, spec["repeats"])
     # Training does about 3x the forward's multiply-adds (forward + two for backward).
-    model_flops = 2 * gmacs * 1e9 * batch * (3 if mode == "train" else 1)
+    model_flops = 2 * gmacs * 1e9 * batch * (1 if mode == "inference" else 3)
     return {
         "framework": "jax",
         "method": spec["method"],
@@ -265,7 +269,7 @@ def specs(model_config) -> list[dict]:
                     }
                 )
     if FLAGS.torch:
-        for mode in FLAGS.modes:
+        for mode in [mode for mode in FLAGS.modes if mode in TORCH_MODES]:
             result.append(
                 dict(result[0], kind="torch", method=NO_REDUCTION, keep_rate=1.0, mode=mode)
             )
@@ -293,13 +297,13 @@ def run_worker(spec: dict) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     header = (
-        f"{'framework':<9} {'method':<12} {'kr':>5} {'mode':<9} {'img/s':>8} {'compile s':>9} "
+        f"{'framework':<9} {'method':<12} {'kr':>5} {'mode':<16} {'img/s':>8} {'compile s':>9} "
         f"{'GMACs':>7} {'XLA GF':>7} {'peak %':>7} {'RSS GiB':>8}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
-            f"{row['framework']:<9} {row['method']:<12} {row['keep_rate']:>5} {row['mode']:<9} "
+            f"{row['framework']:<9} {row['method']:<12} {row['keep_rate']:>5} {row['mode']:<16} "
             f"{row['images_per_s']:>8.2f} {row['compile_s']:>9.1f} {row['gmacs']:>7.3g} "
             f"{row['xla_gflops']:>7.1f} {100 * row['peak_fraction']:>6.1f}% "
             f"{row['peak_rss_gib']:>8.2f}"
@@ -345,12 +349,16 @@ def plot(rows: list[dict], path: str) -> bool:
     return True
 
 
+MODES = ("inference", "train", "train_grad_norms")
+TORCH_MODES = ("inference", "train")
+
+
 def check_flags() -> None:
     """Fails on a bad command line before any worker starts."""
     import importlib.util
 
-    if not set(FLAGS.modes) <= {"inference", "train"} or not FLAGS.modes:
-        raise app.UsageError(f"--modes takes inference and/or train, got {FLAGS.modes}.")
+    if not set(FLAGS.modes) <= set(MODES) or not FLAGS.modes:
+        raise app.UsageError(f"--modes takes {', '.join(MODES)}, got {FLAGS.modes}.")
     if FLAGS.batch_size < 1 or FLAGS.repeats < 1:
         raise app.UsageError("--batch_size and --repeats must be at least 1.")
     if FLAGS.torch and not all(importlib.util.find_spec(name) for name in ("torch", "timm")):
@@ -384,7 +392,7 @@ def define_flags() -> None:
     flags.DEFINE_list("keep_rates", ["0.1", "0.7"], "Keep rates (ignored for method none).")
     flags.DEFINE_integer("batch_size", 8, "Images per step.")
     flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported).")
-    flags.DEFINE_list("modes", ["inference", "train"], "What to time.")
+    flags.DEFINE_list("modes", ["inference", "train"], f"What to time, of {', '.join(MODES)}.")
     flags.DEFINE_string("out", "bench_out", "Output directory.")
     flags.DEFINE_bool("torch", False, "Also time the PyTorch timm model (needs the torch extra).")
     flags.DEFINE_enum(

@@ -59,7 +59,7 @@ def test_benchmark_writes_one_row_per_method_rate_and_mode(tmp_path):
     [
         (["--methods=bogus"], "bogus at keep rate 0.1: model.reduction.method must be one of"),
         (["--keep_rates=half"], "--keep_rates must be numbers, got half."),
-        (["--modes=fast"], "--modes takes inference and/or train"),
+        (["--modes=fast"], "--modes takes inference, train, train_grad_norms, got"),
     ],
 )
 def test_benchmark_rejects_bad_flags_before_measuring(tmp_path, flags, message):
@@ -67,3 +67,21 @@ def test_benchmark_rejects_bad_flags_before_measuring(tmp_path, flags, message):
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert "measuring" not in result.stdout
+
+
+def test_gradient_norm_mode_times_the_train_step_with_the_norms_jax_only(tmp_path):
+    """`train_grad_norms` is the train step plus `train.log_gradient_norms`'s norms: more XLA
+    flops than the plain step (the norms are computed, not dropped), and no PyTorch row."""
+    result = run_tool(
+        "--methods=evit", "--keep_rates=0.5", "--batch_size=2", "--repeats=1",
+        "--modes=train,train_grad_norms", f"--out={tmp_path}", "--torch",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "benchmark.csv") as f:
+        rows = list(csv.DictReader(f))
+    keys = [(row["framework"], row["mode"]) for row in rows]
+    assert keys == [("jax", "train"), ("jax", "train_grad_norms"), ("torch", "train")]
+    plain, with_norms = (float(row["xla_gflops"]) for row in rows[:2])
+    assert with_norms > plain
+    assert rows[0]["gmacs"] == rows[1]["gmacs"]
+    assert "train_grad_norms" in result.stdout
