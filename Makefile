@@ -15,9 +15,11 @@ $(VENV)/.core: pyproject.toml
 	$(PIP) install -q --no-deps animal-mnist==0.4
 	touch $@
 
-# Everything: the torch extra (conversion from .pth, parity tests) and the dev tools.
+# Everything: the torch extra (conversion from .pth, parity tests), the export extra and the
+# dev tools; jax2onnx without its dependencies (see pyproject.toml's export extra).
 $(VENV)/.full: $(VENV)/.core
-	$(PIP) install -q -e '.[torch,dev]'
+	$(PIP) install -q -e '.[torch,dev,export]'
+	$(PIP) install -q --no-deps jax2onnx==0.17.1
 	touch $@
 
 setup: $(VENV)/.full

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,28 @@ def save_pretrained(
         `check_output_dir`.
     """
     directory = check_output_dir(directory, overwrite)
+
+    def write(partial: str) -> None:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(partial, VARIABLES_DIR), jax.tree.map(np.asarray, variables))
+        checkpointer.wait_until_finished()
+        with open(os.path.join(partial, MODEL_CONFIG_FILE), "w") as f:
+            f.write(model_config.to_json(indent=2))
+        if notes:
+            with open(os.path.join(partial, NOTES_FILE), "w") as f:
+                f.write(notes + "\n")
+
+    write_directory(directory, write, lambda: check_output_dir(directory, overwrite))
+
+
+def write_directory(directory: str, write: Callable[[str], None], check: Callable[[], object]):
+    """Fills `directory` by `write(folder)` complete or not at all.
+
+    `write` fills a hidden folder beside `directory` (`.NAME.partial-<host>-<pid>`); `check()`
+    runs again before the rename (it raises when `directory` may no longer be written); then
+    the folder replaces `directory` (an empty folder, or a previous output, which is restored
+    when anything fails). Leftovers of killed writes to the same place are removed first.
+    """
     parent, name = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
     _remove_stale_leftovers(parent, name)
@@ -80,15 +103,8 @@ def save_pretrained(
     shutil.rmtree(partial, ignore_errors=True)
     try:
         os.makedirs(partial)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(partial, VARIABLES_DIR), jax.tree.map(np.asarray, variables))
-        checkpointer.wait_until_finished()
-        with open(os.path.join(partial, MODEL_CONFIG_FILE), "w") as f:
-            f.write(model_config.to_json(indent=2))
-        if notes:
-            with open(os.path.join(partial, NOTES_FILE), "w") as f:
-                f.write(notes + "\n")
-        check_output_dir(directory, overwrite)  # again: something may have appeared meanwhile
+        write(partial)
+        check()  # again: something may have appeared meanwhile
         if os.path.isdir(directory) and os.listdir(directory):
             os.rename(directory, replaced)
             os.rename(partial, directory)
@@ -97,17 +113,25 @@ def save_pretrained(
             os.rename(partial, directory)  # replaces an empty folder
     except BaseException:
         if os.path.isdir(replaced) and not os.path.exists(directory):
-            os.rename(replaced, directory)  # the model it was to replace, back in place
+            os.rename(replaced, directory)  # the output it was to replace, back in place
         shutil.rmtree(partial, ignore_errors=True)
         raise
 
 
-def check_output_dir(directory: str, overwrite: bool = False) -> str:
-    """Checks that a converted model may be written to `directory`; nothing is written.
+def check_output_dir(
+    directory: str,
+    overwrite: bool = False,
+    kind: str = "converted model",
+    recognise: Callable[[str], bool] | None = None,
+) -> str:
+    """Checks that a converted model (or another `kind` of output) may be written to
+    `directory`; nothing is written.
 
     Args:
       directory: the intended model directory (`--out`).
       overwrite: whether an existing converted model there may be replaced.
+      kind: what is written, for the messages.
+      recognise: tells a folder of that kind; `is_model_directory` by default.
 
     Returns:
       The directory's absolute path (links resolved).
@@ -131,14 +155,14 @@ def check_output_dir(directory: str, overwrite: bool = False) -> str:
     if not os.path.isdir(directory):
         raise FileExistsError(f"{directory} already exists and is a file; choose another output.")
     entries = sorted(os.listdir(directory))
-    if entries and not is_model_directory(directory):
+    if entries and not (recognise or is_model_directory)(directory):
         raise FileExistsError(
-            f"{directory} already exists and holds files of something other than a converted "
-            f"model (e.g. {entries[:3]}); nothing was changed. Choose a new or empty folder."
+            f"{directory} already exists and holds files of something other than a {kind} "
+            f"(e.g. {entries[:3]}); nothing was changed. Choose a new or empty folder."
         )
     if entries and not overwrite:
         raise FileExistsError(
-            f"{directory} already exists and holds a converted model; pass --overwrite "
+            f"{directory} already exists and holds a {kind}; pass --overwrite "
             "(overwrite=True) to replace it, or choose another folder."
         )
     return directory

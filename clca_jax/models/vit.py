@@ -94,7 +94,7 @@ def with_registers(tokens: Tokens, registers: jax.Array) -> Tokens:
     def insert(state, value):
         if state is None:
             return None
-        fill = jnp.full((state.shape[0], count), value, state.dtype)
+        fill = jnp.broadcast_to(jnp.asarray(value, state.dtype), (state.shape[0], count))
         return jnp.concatenate([state[:, :1], fill, state[:, 1:]], axis=1)
 
     return Tokens(

@@ -176,7 +176,8 @@ class Tokens:
         def extend(state, value):
             if state is None:
                 return None
-            return jnp.concatenate([state, jnp.full((batch, count), value, state.dtype)], axis=1)
+            fill = jnp.broadcast_to(jnp.asarray(value, state.dtype), (batch, count))
+            return jnp.concatenate([state, fill], axis=1)
 
         return Tokens(
             x=jnp.concatenate([self.x, extra], axis=1),

@@ -74,20 +74,23 @@ def density_peaks(
     centres = top_k_stable(delta * density, clusters)
     to_centres = jnp.take_along_axis(dist, centres[:, :, None], axis=1)  # [B, c, n]
     assignment = jnp.argmin(to_centres, axis=1)
-    rows = jnp.arange(batch)[:, None]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (batch, 1), 0)
     assignment = assignment.at[rows, centres].set(jnp.arange(clusters))
     return assignment, centres
 
 
 def merge_clusters(x: jax.Array, weight: jax.Array, assignment: jax.Array, clusters: int):
-    """Per cluster: sum_i x_i w_i / (sum_i w_i + 1e-6)."""
+    """Per cluster: sum_i x_i w_i / (sum_i w_i + 1e-6).
 
-    def one(x, weight, assignment):
-        total = jax.ops.segment_sum(weight, assignment, num_segments=clusters) + 1e-6
-        share = weight / total[assignment]
-        return jax.ops.segment_sum(x * share[:, None], assignment, num_segments=clusters)
-
-    return jax.vmap(one)(x, weight, assignment)
+    The sums over each cluster's members are products with the one-hot assignment rather than
+    a scatter-add: the same sums (to float32 rounding), a plain matrix product for XLA, and
+    an operation that ONNX expresses (`clca_jax.export`).
+    """
+    exact = jax.lax.Precision.HIGHEST  # no bf16 passes on TPUs: these are sums, not features
+    members = jax.nn.one_hot(assignment, clusters, dtype=x.dtype)  # [B, N, c]
+    total = jnp.einsum("bn,bnc->bc", weight, members, precision=exact) + 1e-6
+    share = weight / jnp.take_along_axis(total, assignment, axis=1)
+    return jnp.einsum("bnc,bnd->bcd", members, x * share[..., None], precision=exact)
 
 
 class DPCKNN(Method, nn.Module):

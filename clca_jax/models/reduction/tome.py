@@ -64,7 +64,7 @@ def bipartite_merge(
     target_b = jnp.take_along_axis(best_match, merged_a, axis=-1)
 
     weighted = x * size[..., None]
-    rows = jnp.arange(batch)[:, None]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (batch, 1), 0)
     b_sum = weighted[:, 1::2].at[rows, target_b].add(gather_tokens(weighted[:, ::2], merged_a))
     b_size = size[:, 1::2].at[rows, target_b].add(gather_tokens(size[:, ::2], merged_a))
     new_size = jnp.concatenate([gather_tokens(size[:, ::2], kept_a), b_size], axis=1)
