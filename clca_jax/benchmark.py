@@ -30,9 +30,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
-from clca_jax import commands, config_files
+from clca_jax import commands, config_files, user_errors
 
 FLAGS = flags.FLAGS
 
@@ -243,7 +243,7 @@ def specs(model_config) -> list[dict]:
         keep_rates = [float(rate) for rate in FLAGS.keep_rates]
     except ValueError:
         rates = ",".join(FLAGS.keep_rates)
-        raise app.UsageError(f"--keep_rates must be numbers, got {rates}.") from None
+        raise ValueError(f"--keep_rates must be numbers, got {rates}.") from None
     result = []
     for method in FLAGS.methods:
         # An unknown name is refused below, by the model's own validation.
@@ -255,7 +255,7 @@ def specs(model_config) -> list[dict]:
             try:
                 create_model(model)
             except ValueError as error:
-                raise app.UsageError(f"{method} at keep rate {keep_rate}: {error}") from None
+                raise ValueError(f"--methods: {method} at keep rate {keep_rate}: {error}") from None
             for mode in FLAGS.modes:
                 result.append(
                     {
@@ -358,11 +358,11 @@ def check_flags() -> None:
     import importlib.util
 
     if not set(FLAGS.modes) <= set(MODES) or not FLAGS.modes:
-        raise app.UsageError(f"--modes takes {', '.join(MODES)}, got {FLAGS.modes}.")
+        raise ValueError(f"--modes takes {', '.join(MODES)}, got {FLAGS.modes}.")
     if FLAGS.batch_size < 1 or FLAGS.repeats < 1:
-        raise app.UsageError("--batch_size and --repeats must be at least 1.")
+        raise ValueError("--batch_size and --repeats must be at least 1.")
     if FLAGS.torch and not all(importlib.util.find_spec(name) for name in ("torch", "timm")):
-        raise app.UsageError("--torch needs PyTorch and timm: pip install -e '.[torch]'.")
+        raise ValueError("--torch needs PyTorch and timm: pip install -e '.[torch]'.")
 
 
 def main(argv) -> None:
@@ -372,11 +372,13 @@ def main(argv) -> None:
         row = torch_measurement(spec) if spec["kind"] == "torch" else jax_measurement(spec)
         print(json.dumps(row))
         return
-    check_flags()
-    os.makedirs(FLAGS.out, exist_ok=True)
+    with user_errors.reported(FLAGS.debug):
+        check_flags()
+        todo = specs(FLAGS.config.model)
+        os.makedirs(FLAGS.out, exist_ok=True)
     tunables = worker_environment().get("GLIBC_TUNABLES") or "glibc defaults"
     print(f"host malloc: {tunables}", flush=True)
-    rows = [run_worker(spec) for spec in specs(FLAGS.config.model)]
+    rows = [run_worker(spec) for spec in todo]
     print(format_table(rows))
     write_csv(rows, os.path.join(FLAGS.out, "benchmark.csv"))
     plotted = plot(rows, os.path.join(FLAGS.out, "benchmark.png"))
@@ -388,7 +390,9 @@ def define_flags() -> None:
     config_files.DEFINE_config(
         "config", "soyglobal", "Config (name or file) whose `model` is timed."
     )
-    flags.DEFINE_list("methods", ["none", "evit"], "Reduction methods to time.")
+    from clca_jax.models.reduction import COMPARED_BY_DEFAULT
+
+    flags.DEFINE_list("methods", list(COMPARED_BY_DEFAULT), "Reduction methods to time.")
     flags.DEFINE_list("keep_rates", ["0.1", "0.7"], "Keep rates (ignored for method none).")
     flags.DEFINE_integer("batch_size", 8, "Images per step.")
     flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported).")
@@ -402,6 +406,7 @@ def define_flags() -> None:
         "retain: every worker (JAX and PyTorch alike) keeps freed host memory in one untrimmed "
         "heap (GLIBC_TUNABLES, unless already set); system: glibc's defaults.",
     )
+    flags.DEFINE_bool("debug", False, "Show the traceback of a flag or config error.")
     flags.DEFINE_string("worker", None, "Internal: run one measurement described by this JSON.")
 
 

@@ -181,16 +181,19 @@ def directory_model_config(directory: str) -> ml_collections.ConfigDict:
 def main(argv) -> None:
     from absl import app, flags
 
+    from clca_jax import user_errors
+
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if config is None and workdir is None:
-        raise app.UsageError("give --config (a config's name or path) or --workdir (a run).")
-    if config is not None and workdir is not None:
-        raise app.UsageError("give --config or --workdir, not both.")
-    model_config = config.model if config is not None else directory_model_config(workdir)
-    model = create_model(model_config, check_cache=False)
-    result = report_dict(model, with_xla=not flags.FLAGS.skip_xla)
+    with user_errors.reported(flags.FLAGS.debug):
+        if config is None and workdir is None:
+            raise ValueError("give --config (a config's name or path) or --workdir (a run).")
+        if config is not None and workdir is not None:
+            raise ValueError("give --config or --workdir, not both.")
+        model_config = config.model if config is not None else directory_model_config(workdir)
+        model = create_model(model_config, check_cache=False)
+        result = report_dict(model, with_xla=not flags.FLAGS.skip_xla)
     if flags.FLAGS.json:
         print(json.dumps(result))
     else:
@@ -209,6 +212,7 @@ def cli() -> None:
     )
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     flags.DEFINE_bool("skip_xla", False, "Do not compile the model for XLA's count.")
+    flags.DEFINE_bool("debug", False, "Show the traceback of a config or workdir error.")
     commands.run(main, doc=__doc__, config_help=True)
 
 

@@ -167,7 +167,9 @@ def load_init_checkpoint(
 # Optimizer.
 
 
-def make_optimizer(config: ml_collections.ConfigDict, model: VisionTransformer, steps_per_epoch):
+def optimizer_and_schedule(
+    config: ml_collections.ConfigDict, model: VisionTransformer, steps_per_epoch
+):
     """The configured optimizer (AdamW with the reference mask by default) and its schedule;
     returns (tx, schedule)."""
     note = optim.shortened_schedule_note(config.optim, config.train.epochs)
@@ -685,7 +687,7 @@ def _train_and_evaluate(config, model, workdir, preemption, events) -> dict:
     # Model.
     model = model.clone(num_classes=config.model.num_classes)
     # Optimizer.
-    tx, schedule = make_optimizer(config, model, inputs.train.steps_per_epoch)
+    tx, schedule = optimizer_and_schedule(config, model, inputs.train.steps_per_epoch)
     total_steps = config.train.epochs * inputs.train.steps_per_epoch
     # State.
     checkpoints = checkpoint.Checkpoints(

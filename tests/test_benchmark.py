@@ -64,8 +64,10 @@ def test_benchmark_writes_one_row_per_method_rate_and_mode(tmp_path):
 )
 def test_benchmark_rejects_bad_flags_before_measuring(tmp_path, flags, message):
     result = run_tool(*flags, f"--out={tmp_path}")
-    assert result.returncode != 0
-    assert message in result.stderr + result.stdout
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+    assert "USAGE" not in result.stderr + result.stdout  # one line, not absl's usage text
     assert "measuring" not in result.stdout
 
 

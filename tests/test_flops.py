@@ -85,3 +85,20 @@ def test_cli_keep_rate_override_and_table():
     assert result["blocks"][3] == {"attn_tokens": 786, "mlp_tokens": 552}
     table = run_flops("--skip_xla")
     assert "total: 25.18 GMACs" in table and "786" in table
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config=demo", "--config.model.reduction.keep_rate=2.0", "--skip_xla"], "keep_rate"),
+        (["--workdir=/nonexistent/run"], "config.json not found"),
+        (["--config=demo", "--workdir=/nonexistent/run"], "not both"),
+    ],
+)
+def test_a_bad_config_or_workdir_is_one_error_line_with_status_2(args, message):
+    command = [sys.executable, "-m", "clca_jax.flops", *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -150,7 +150,7 @@ def test_tiny_variant_warm_starts_from_a_converted_model(tmp_path):
     config = train.resolve_config(config, data.dataset_info(config.data).num_classes)
     model = model.clone(num_classes=config.model.num_classes)
     mesh = sharding.make_mesh(config.mesh)
-    tx, _ = train.make_optimizer(config, model, steps_per_epoch=1)
+    tx, _ = train.optimizer_and_schedule(config, model, steps_per_epoch=1)
     state = train.initial_state(config, model, tx, mesh, str(tmp_path))
     old = source["params"]
     qkv = state.params["blocks_3"]["attn"]["qkv"]["kernel"]

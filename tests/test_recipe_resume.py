@@ -35,7 +35,7 @@ def restore_recipe_state(config, workdir):
     config = train.resolve_config(config, config.model.num_classes)
     mesh = sharding.make_mesh(config.mesh)
     model = create_model(config.model)
-    tx, _ = train.make_optimizer(config, model, steps_per_epoch=1)
+    tx, _ = train.optimizer_and_schedule(config, model, steps_per_epoch=1)
     abstract = train.abstract_train_state(model, tx, config.seed, mesh, with_ema=True)
     checkpoints = checkpoint.Checkpoints(workdir, read_only=True)
     try:

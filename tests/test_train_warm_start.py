@@ -108,7 +108,7 @@ def test_run_starts_from_a_converted_directory_of_another_size(tmp_path):
     config.init.checkpoint = converted
     mesh = sharding.make_mesh(config.mesh)
     model = create_model(config.model)
-    tx, _ = train.make_optimizer(config, model, steps_per_epoch=1)
+    tx, _ = train.optimizer_and_schedule(config, model, steps_per_epoch=1)
     state = train.initial_state(config, model, tx, mesh, str(tmp_path))
 
     params, old = state.params, source["params"]

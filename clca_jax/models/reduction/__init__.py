@@ -55,6 +55,9 @@ METHODS: dict[str, type[Method]] = {
     "sit": SiT,
     "patchmerger": PatchMerger,
 }
+# What the benchmark times unless told otherwise: no reduction against EViT, the paper's main
+# method.
+COMPARED_BY_DEFAULT = (NO_REDUCTION, "evit")
 
 
 def get_method(name: str) -> type[Method]:
@@ -80,6 +83,7 @@ def register_method(name: str, method: type[Method]) -> None:
 
 
 __all__ = [
+    "COMPARED_BY_DEFAULT",
     "METHODS",
     "NO_REDUCTION",
     "Method",
