@@ -168,7 +168,7 @@ def test_train_step_learns_from_the_mixed_batch_and_soft_targets():
 
     config = tiny_config("/unused")
     model = validate_config(config).clone(num_classes=CLASSES)
-    tx, schedule = train.make_optimizer(config, model, steps_per_epoch=3)
+    tx, schedule = train.optimizer_and_schedule(config, model, steps_per_epoch=3)
     variables = model.init(
         {"params": jax.random.key(0), "reduction": jax.random.key(1)}, model.example_images()
     )

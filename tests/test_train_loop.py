@@ -53,7 +53,7 @@ def build(config, workdir: str):
     inputs = train.make_input(config, mesh)
     config = train.resolve_config(config, inputs.info.num_classes)
     model = create_model(config.model)
-    tx, schedule = train.make_optimizer(config, model, inputs.train.steps_per_epoch)
+    tx, schedule = train.optimizer_and_schedule(config, model, inputs.train.steps_per_epoch)
     state = train.initial_state(config, model, tx, mesh, workdir)
     return mesh, inputs, model, tx, schedule, state
 
@@ -63,7 +63,7 @@ def restore_state(config, workdir: str, step: int | None = None):
     restored onto this process's devices."""
     mesh = sharding.make_mesh(config.mesh)
     model = create_model(config.model)
-    tx, _ = train.make_optimizer(config, model, steps_per_epoch=1)
+    tx, _ = train.optimizer_and_schedule(config, model, steps_per_epoch=1)
     abstract = train.abstract_train_state(model, tx, config.seed, mesh)
     checkpoints = checkpoint.Checkpoints(workdir, read_only=True)
     try:
