@@ -4,6 +4,8 @@
     python -m clca_jax.predict --workdir=runs/folder_tiny --images=NEW_IMAGES --out=predictions.csv
     # a converted model directory (tools/convert_timm_weights.py --out DIR)
     python -m clca_jax.predict --model=pretrained/clca_soyglobal --images=a.jpg,b.jpg --top_k=3
+    # an export folder of clca_jax.export (ONNX Runtime), or one of its files
+    python -m clca_jax.predict --exported=exported/folder_tiny --images=NEW_IMAGES
 
 `--images` takes files and folders (searched recursively for image files, hidden ones left
 out, as the folder route of training does). Each image is preprocessed as evaluation does it
@@ -14,6 +16,11 @@ kept unless `--overwrite`) has one row per image in the order found: `file`, the
 decoded does not stop the run: its row holds only the reason in `error`, and the files are
 listed at the end. The class names are the ones training saved (`WORKDIR/classes.json`); data
 without names (the csv route, a converted model) gives class ids, and the command says so.
+
+`--exported` runs an export instead of the model code: `model.onnx` in ONNX Runtime (the
+folder's default; the `export` extra) or `model.stablehlo` with jax when that file is named or
+is the only one. Size, normalisation and class names come from the folder's `export.json`, so
+the CSV is the one the workdir would give, within the export's checked tolerance.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import functools
+import importlib.util
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +42,7 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 
-from clca_jax import commands, evaluate, pretrained, user_errors
+from clca_jax import commands, evaluate, exported, pretrained, user_errors
 from clca_jax.data import folder, pipeline, records
 from clca_jax.models import VisionTransformer, create_model
 from clca_jax.training import evaluation, sharding, workdirs
@@ -157,6 +166,121 @@ def load_predictor(
     return Predictor(model, variables, names, config.seed, source)
 
 
+@dataclasses.dataclass
+class Classifier:
+    """What `predict_images` runs: the input it takes and the top-k of a batch.
+
+    Attributes:
+      img_size: the crop size the evaluation view is made at.
+      normalization: (mean, std) of the evaluation view.
+      num_classes: the class count.
+      class_names: names by class id, or None.
+      source: what was loaded, for the log.
+      top_k: `(images [b, S, S, 3] float32, batch index, k) -> (probabilities, class ids)`,
+        each [b, k] as NumPy arrays, most probable first.
+      batch_multiple: batch sizes must be a multiple of this (the devices a model is sharded
+        over; 1 for an export).
+    """
+
+    img_size: int
+    normalization: tuple[Sequence[float], Sequence[float]]
+    num_classes: int
+    class_names: list[str] | None
+    source: str
+    top_k: Callable[[np.ndarray, int, int], tuple[np.ndarray, np.ndarray]]
+    batch_multiple: int = 1
+
+
+def model_classifier(predictor: Predictor, mesh: jax.sharding.Mesh) -> Classifier:
+    """The `Classifier` of a loaded model: `predict_step` jitted over the mesh (one compile per
+    k)."""
+    model = predictor.model
+    batch_sharding = sharding.batch_sharding(mesh)
+    rng = evaluation.eval_key(predictor.seed)
+    steps = {}
+
+    def top_k(images: np.ndarray, index: int, k: int):
+        if k not in steps:
+            steps[k] = jax.jit(
+                functools.partial(predict_step, model=model, top_k=k),
+                in_shardings=(
+                    sharding.tree_shardings(predictor.variables, mesh),
+                    batch_sharding,
+                    sharding.replicated(mesh),
+                    sharding.replicated(mesh),
+                ),
+            )
+        batch = sharding.global_batch({"image": images}, batch_sharding)["image"]
+        return jax.device_get(steps[k](predictor.variables, batch, np.int32(index), rng))
+
+    return Classifier(
+        img_size=model.img_size,
+        normalization=model.input_normalization,
+        num_classes=model.num_classes,
+        class_names=predictor.class_names,
+        source=predictor.source,
+        top_k=top_k,
+        batch_multiple=mesh.size,
+    )
+
+
+def exported_classifier(path: str) -> Classifier:
+    """The `Classifier` of an export folder (its ONNX file, else its StableHLO file) or of one
+    of its files.
+
+    Raises:
+      FileNotFoundError, ValueError: not an export, its file is missing or unreadable, or the
+        runtime it needs is not installed.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--exported={path} does not exist.")
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    info = exported.read_info(directory)
+    if os.path.isdir(path):
+        # ONNX Runtime when it is installed, else (or for a StableHLO-only export) jax.
+        fmt = "onnx" if "onnx" in info["formats"] else "stablehlo"
+        if fmt == "onnx" and "stablehlo" in info["formats"] and not _has_onnxruntime():
+            logging.info("ONNX Runtime is not installed: running %s.", exported.STABLEHLO_FILE)
+            fmt = "stablehlo"
+    else:
+        fmt = {name: f for f, name in exported.FILES.items()}.get(os.path.basename(path))
+        if fmt is None:
+            raise ValueError(
+                f"--exported={path} is neither an export folder nor one of its files "
+                f"({', '.join(exported.FILES.values())})."
+            )
+    run = exported.load(directory, fmt)
+    spec = info["input"]
+    size = spec["crop"]
+    if spec["resize"] != pipeline.resize_size(size):
+        raise ValueError(
+            f"{directory}/{exported.INFO_FILE}: resize {spec['resize']} for crop {size} is not "
+            f"this version's evaluation view ({pipeline.resize_size(size)}); export again."
+        )
+
+    def top_k(images: np.ndarray, index: int, k: int):
+        del index  # an export has no evaluation noise
+        logits = np.asarray(run(images), np.float64)
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probabilities = (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
+        classes = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+        return np.take_along_axis(probabilities, classes, axis=-1), classes
+
+    return Classifier(
+        img_size=size,
+        normalization=(spec["mean"], spec["std"]),
+        num_classes=info["num_classes"],
+        class_names=info.get("class_names"),
+        source=f"{fmt} export {os.path.join(directory, exported.FILES[fmt])}",
+        top_k=top_k,
+    )
+
+
+def _has_onnxruntime() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
 def predict_step(variables, images, index, rng, *, model, top_k: int):
     """The `top_k` most probable classes of a batch: (probabilities, class ids), each [b, k]."""
     key = jax.random.fold_in(jax.random.wrap_key_data(rng), index)
@@ -170,9 +294,8 @@ def predict_step(variables, images, index, rng, *, model, top_k: int):
 
 
 def predict_images(
-    predictor: Predictor,
+    classifier: Classifier,
     paths: Sequence[str],
-    mesh: jax.sharding.Mesh,
     *,
     top_k: int,
     batch_size: int,
@@ -184,23 +307,13 @@ def predict_images(
       One `(predictions, error)` per path: `(class id, probability)` pairs, most probable
       first, and '' for an image that was read; `[]` and the reason for one that was not.
     """
-    model = predictor.model
-    sharding.check_batch_size(batch_size, mesh, "--batch_size")
-    step = jax.jit(
-        lambda variables, images, index, rng: predict_step(
-            variables, images, index, rng, model=model, top_k=top_k
-        ),
-        in_shardings=(
-            sharding.tree_shardings(predictor.variables, mesh),
-            sharding.batch_sharding(mesh),
-            sharding.replicated(mesh),
-            sharding.replicated(mesh),
-        ),
-    )
-    norm = pipeline.Normalizer(*model.input_normalization)  # as evaluation normalises
-    size = model.img_size
-    rng = evaluation.eval_key(predictor.seed)
-    batch_sharding = sharding.batch_sharding(mesh)
+    if batch_size % classifier.batch_multiple:
+        raise ValueError(
+            f"--batch_size={batch_size} does not split over the {classifier.batch_multiple} "
+            f"devices; use a multiple of {classifier.batch_multiple}."
+        )
+    norm = pipeline.Normalizer(*classifier.normalization)  # as evaluation normalises
+    size = classifier.img_size
     threads = pipeline.default_threads(0)
     results = []
     bar = tqdm.tqdm(
@@ -213,10 +326,7 @@ def predict_images(
             for slot, item in enumerate(read):
                 if not isinstance(item, str):
                     images[slot] = item
-            batch = sharding.global_batch({"image": images}, batch_sharding)["image"]
-            probabilities, classes = jax.device_get(
-                step(predictor.variables, batch, np.int32(index), rng)
-            )
+            probabilities, classes = classifier.top_k(images, index, top_k)
             for slot, item in enumerate(read):
                 if isinstance(item, str):
                     results.append(([], item))
@@ -287,13 +397,15 @@ def predict(
     *,
     workdir: str | None = None,
     model_dir: str | None = None,
+    exported_path: str | None = None,
     checkpoint_name: str = "best",
     top_k: int = 5,
     batch_size: int = 32,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Predicts `images` with a workdir's or a converted model's model and writes `out`.
+    """Predicts `images` with a workdir's or a converted model's model, or with an export, and
+    writes `out`.
 
     Returns:
       `predicted` (images read), `unreadable` (`(file, reason)` pairs), `top_k` (as written,
@@ -305,28 +417,47 @@ def predict(
     for name, value in (("--top_k", top_k), ("--batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name}={value} must be at least 1.")
+    given = [
+        name
+        for name, v in (
+            ("--workdir", workdir),
+            ("--model", model_dir),
+            ("--exported", exported_path),
+        )
+        if v
+    ]
+    if len(given) != 1:
+        raise ValueError(
+            "give one of --workdir (a training workdir), --model (a converted model directory) "
+            f"or --exported (an export folder or file); got {', '.join(given) or 'none'}."
+        )
     path = check_out(out, overwrite)
     paths = find_images(images)
     metrics_lib.quiet_library_logs()
-    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
-    predictor = load_predictor(workdir, model_dir, checkpoint_name, mesh)
-    logging.info("Predicting %d file(s) with the %s.", len(paths), predictor.source)
-    num_classes = predictor.model.num_classes
+    if exported_path:
+        classifier = exported_classifier(exported_path)
+    else:
+        mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
+        classifier = model_classifier(
+            load_predictor(workdir, model_dir, checkpoint_name, mesh), mesh
+        )
+    logging.info("Predicting %d file(s) with the %s.", len(paths), classifier.source)
+    num_classes = classifier.num_classes
     if top_k > num_classes:
         logging.info(
             "--top_k=%d: the model has %d classes; writing %d.", top_k, num_classes, num_classes
         )
         top_k = num_classes
     results = predict_images(
-        predictor, paths, mesh, top_k=top_k, batch_size=batch_size, progress=progress
+        classifier, paths, top_k=top_k, batch_size=batch_size, progress=progress
     )
-    write_csv(path, paths, results, top_k, predictor.class_names)
+    write_csv(path, paths, results, top_k, classifier.class_names)
     unreadable = [(p, error) for p, (_, error) in zip(paths, results, strict=True) if error]
     return {
         "predicted": len(paths) - len(unreadable),
         "unreadable": unreadable,
         "top_k": top_k,
-        "class_names": predictor.class_names is not None,
+        "class_names": classifier.class_names is not None,
         "out": path,
     }
 
@@ -341,6 +472,7 @@ def main(argv):
             FLAGS.out,
             workdir=FLAGS.workdir,
             model_dir=FLAGS.model,
+            exported_path=FLAGS.exported,
             checkpoint_name=FLAGS.checkpoint,
             top_k=FLAGS.top_k,
             batch_size=FLAGS.batch_size,
@@ -359,6 +491,12 @@ def define_flags() -> None:
     """The command's flags (defined when it runs, so that importing this module defines none)."""
     flags.DEFINE_string("workdir", None, "A training workdir to predict with.")
     flags.DEFINE_string("model", None, "Instead of --workdir: a converted model directory.")
+    flags.DEFINE_string(
+        "exported",
+        None,
+        "Instead of --workdir: an export folder of clca_jax.export (its model.onnx in ONNX "
+        "Runtime) or one of its files (model.onnx, model.stablehlo).",
+    )
     flags.DEFINE_enum(
         "checkpoint", "best", ["best", "latest"], "Which checkpoint of a training workdir."
     )

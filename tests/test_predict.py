@@ -2,6 +2,7 @@
 the evaluation view, unreadable files are listed, an existing CSV is kept."""
 
 import csv
+import json
 import os
 import shutil
 
@@ -9,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from clca_jax import data, predict, pretrained
+from clca_jax import data, export, exported, predict, pretrained
 from clca_jax.models import create_model
 from clca_jax.training import evaluation, workdirs
 from clca_jax.training.evaluation import apply_model
@@ -184,6 +185,8 @@ def test_converted_model_predicts_class_ids_and_says_so(finished, tmp_path):
     [
         ([], "give one of --workdir"),
         (["--workdir=W", "--model=M"], "give one of --workdir"),
+        (["--workdir=W", "--exported=E"], "give one of --workdir"),
+        (["--exported=nowhere"], "--exported="),
         (["--workdir=W", "--top_k=0"], "--top_k=0 must be at least 1"),
         (["--workdir=W", "--images=missing.png"], "--images: missing.png does not exist"),
     ],
@@ -202,3 +205,112 @@ def test_bad_flags_are_one_error_line(flags, message, finished, tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
     assert message in done.stderr
     assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def exported_run(finished, tmp_path_factory):
+    """The finished run's latest checkpoint exported to StableHLO and ONNX."""
+    _, _, workdir = finished
+    out = str(tmp_path_factory.mktemp("exported") / "export")
+    export.export(out, workdir=workdir, checkpoint_name="latest")
+    return out
+
+
+@pytest.mark.parametrize("target", ["folder", exported.ONNX_FILE, exported.STABLEHLO_FILE])
+def test_an_export_predicts_what_its_workdir_predicts(target, finished, exported_run, tmp_path):
+    _, data_dir, workdir = finished
+    images = [os.path.join(data_dir, "class_01"), os.path.join(data_dir, "class_02")]
+    from_workdir, from_export = str(tmp_path / "workdir.csv"), str(tmp_path / "export.csv")
+    predict.predict(
+        images, from_workdir, workdir=workdir, checkpoint_name="latest", top_k=3, progress=False
+    )
+    path = exported_run if target == "folder" else os.path.join(exported_run, target)
+    done = command_line.run(
+        [
+            "-m",
+            "clca_jax.predict",
+            f"--exported={path}",
+            f"--images={','.join(images)}",
+            f"--out={from_export}",
+            "--top_k=3",
+            "--batch_size=3",
+        ],
+        cwd=str(tmp_path),
+        tmp=str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    kind = "stablehlo" if target == exported.STABLEHLO_FILE else "onnx"
+    assert f"{kind} export" in done.stderr  # the log names what ran
+    expected, written = read_rows(from_workdir), read_rows(from_export)
+    assert [row["file"] for row in written] == [row["file"] for row in expected]
+    for want, got in zip(expected, written, strict=True):
+        assert [got[f"class_{r}"] for r in (1, 2, 3)] == [want[f"class_{r}"] for r in (1, 2, 3)]
+        np.testing.assert_allclose(
+            [float(got[f"prob_{r}"]) for r in (1, 2, 3)],
+            [float(want[f"prob_{r}"]) for r in (1, 2, 3)],
+            rtol=0,
+            atol=1e-5,
+        )
+        assert got["error"] == ""
+
+
+def _damage(export_dir: str, how: str) -> str:
+    if how == "no_info":
+        os.remove(os.path.join(export_dir, exported.INFO_FILE))
+    elif how == "onnx_garbage":
+        with open(os.path.join(export_dir, exported.ONNX_FILE), "wb") as f:
+            f.write(b"not a protobuf" * 10)
+    elif how == "stablehlo_garbage":
+        with open(os.path.join(export_dir, exported.STABLEHLO_FILE), "wb") as f:
+            f.write(b"\x00\x01garbage")
+        return os.path.join(export_dir, exported.STABLEHLO_FILE)
+    else:  # a field of export.json removed or changed
+        path = os.path.join(export_dir, exported.INFO_FILE)
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        field, value = how.split("=")
+        section, _, key = field.rpartition(".")
+        target = info[section] if section else info
+        if value == "missing":
+            del target[key]
+        else:
+            target[key] = json.loads(value)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(info, f)
+    return export_dir
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("no_info", "is not an export directory"),
+        ("onnx_garbage", "cannot be loaded by ONNX Runtime"),
+        ("stablehlo_garbage", "cannot be read as a jax.export serialisation"),
+        ("input.crop=missing", "input.crop is None, not a positive integer"),
+        ("input.crop=40", "input.shape is"),
+        ("input.std=[0, 1, 1]", "has a value that is not positive"),
+        ('class_names=["a"]', "class_names is not null or a list of 3 strings"),
+        ('formats=["tflite"]', "formats is"),
+    ],
+)
+def test_a_damaged_export_is_one_error_line(how, message, finished, exported_run, tmp_path):
+    _, data_dir, _ = finished
+    copy = str(tmp_path / "copy")
+    shutil.copytree(exported_run, copy)
+    path = _damage(copy, how)
+    out = tmp_path / "p.csv"
+    done = command_line.run(
+        [
+            "-m",
+            "clca_jax.predict",
+            f"--exported={path}",
+            f"--images={data_dir}",
+            f"--out={out}",
+        ],
+        cwd=str(tmp_path),
+        tmp=str(tmp_path),
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert not out.exists()
