@@ -12,6 +12,10 @@ per-part gradient norms that `train.log_gradient_norms` logs (what the option co
 `peak_fraction` is the achieved
 2 x MACs per second over the dense matmul peak measured in the same run. With `--torch`, the
 timm model of the same backbone and size (no reduction) is timed on the same inputs and threads.
+With `--onnx`, every model timed for inference is also exported as `clca-export` does (same
+random weights) and its ONNX file timed in ONNX Runtime with one intra-op thread per core, after
+its logits are checked against JAX's (the serving comparison; a method the converter cannot
+express gets a row without figures). `latency_ms` is the median time of one batch.
 Every worker, PyTorch's included, runs with the same host allocator settings (`--host_malloc`).
 
 Writes `OUT/benchmark.csv` (one row per framework, method, keep rate and mode) and
@@ -44,7 +48,7 @@ RETAIN_HOST_MEMORY = (
 )
 
 COLUMNS = [
-    "framework", "method", "keep_rate", "mode", "images_per_s", "compile_s", "gmacs",
+    "framework", "method", "keep_rate", "mode", "images_per_s", "latency_ms", "compile_s", "gmacs",
     "xla_gflops", "peak_fraction", "peak_rss_gib", "traces",
 ]  # fmt: skip
 
@@ -174,6 +178,7 @@ def jax_measurement(spec: dict) -> dict:
         "keep_rate": spec["keep_rate"],
         "mode": mode,
         "images_per_s": batch / seconds,
+        "latency_ms": 1e3 * seconds,
         "compile_s": compile_s,
         "gmacs": gmacs,
         "xla_gflops": xla_flops / batch / 1e9,
@@ -222,6 +227,7 @@ def torch_measurement(spec: dict) -> dict:
         "keep_rate": 1.0,
         "mode": mode,
         "images_per_s": batch / seconds,
+        "latency_ms": 1e3 * seconds,
         "compile_s": 0.0,
         "gmacs": float("nan"),
         "xla_gflops": float("nan"),
@@ -229,6 +235,64 @@ def torch_measurement(spec: dict) -> dict:
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "traces": 0,
     }
+
+
+def onnx_measurement(spec: dict) -> dict:
+    """The model's ONNX export (random weights as in `jax_measurement`) in ONNX Runtime."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import onnxruntime
+
+    from clca_jax import export
+    from clca_jax.flops import count_macs
+    from clca_jax.models import create_model
+    from clca_jax.pretrained import model_config_from_dict
+
+    config = model_config_from_dict(spec["model"])
+    model = create_model(config)
+    batch, size = spec["batch_size"], config.img_size
+    images = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
+    rngs = {"params": jax.random.key(0), "reduction": jax.random.key(1)}
+    variables = jax.jit(model.init)(rngs, jnp.asarray(images[:1]))
+    row = {
+        "framework": "onnxruntime",
+        "method": spec["method"],
+        "keep_rate": spec["keep_rate"],
+        "mode": "inference",
+        "gmacs": count_macs(model).gmacs,
+        "xla_gflops": float("nan"),
+        "peak_fraction": float("nan"),
+        "traces": 0,
+    }
+    function = export.inference_function(model, jax.device_get(variables))
+    start = time.perf_counter()
+    try:
+        serialised = export.export_onnx(function, size, spec["method"])
+    except export.ExportError as error:
+        print(f"onnx: {error}", file=sys.stderr)
+        return dict(row, images_per_s=float("nan"), latency_ms=float("nan"), compile_s=0.0,
+                    peak_rss_gib=float("nan"))  # fmt: skip
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(serialised, options, providers=["CPUExecutionProvider"])
+    export_s = time.perf_counter() - start
+    expected = np.asarray(jax.jit(function)(images), np.float64)
+    difference = float(np.max(np.abs(session.run(None, {"images": images})[0] - expected)))
+    if not difference <= export.DEFAULT_TOLERANCE:
+        raise RuntimeError(f"the ONNX logits are {difference:.3g} away from JAX's")
+    seconds = median_seconds(lambda: session.run(None, {"images": images}), spec["repeats"])
+    return dict(
+        row,
+        images_per_s=batch / seconds,
+        latency_ms=1e3 * seconds,
+        compile_s=export_s,  # conversion plus session creation
+        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    )
+
+
+MEASUREMENTS = {"jax": jax_measurement, "torch": torch_measurement, "onnx": onnx_measurement}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +332,9 @@ def specs(model_config) -> list[dict]:
                         "mode": mode,
                     }
                 )
+    if FLAGS.onnx:
+        inference = [spec for spec in result if spec["mode"] == "inference"]
+        result += [dict(spec, kind="onnx") for spec in inference]
     if FLAGS.torch:
         for mode in [mode for mode in FLAGS.modes if mode in TORCH_MODES]:
             result.append(
@@ -297,14 +364,15 @@ def run_worker(spec: dict) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     header = (
-        f"{'framework':<9} {'method':<12} {'kr':>5} {'mode':<16} {'img/s':>8} {'compile s':>9} "
-        f"{'GMACs':>7} {'XLA GF':>7} {'peak %':>7} {'RSS GiB':>8}"
+        f"{'framework':<11} {'method':<12} {'kr':>5} {'mode':<16} {'img/s':>8} {'ms/batch':>9} "
+        f"{'compile s':>9} {'GMACs':>7} {'XLA GF':>7} {'peak %':>7} {'RSS GiB':>8}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
-            f"{row['framework']:<9} {row['method']:<12} {row['keep_rate']:>5} {row['mode']:<16} "
-            f"{row['images_per_s']:>8.2f} {row['compile_s']:>9.1f} {row['gmacs']:>7.3g} "
+            f"{row['framework']:<11} {row['method']:<12} {row['keep_rate']:>5} {row['mode']:<16} "
+            f"{row['images_per_s']:>8.2f} {row['latency_ms']:>9.1f} {row['compile_s']:>9.1f} "
+            f"{row['gmacs']:>7.3g} "
             f"{row['xla_gflops']:>7.1f} {100 * row['peak_fraction']:>6.1f}% "
             f"{row['peak_rss_gib']:>8.2f}"
         )
@@ -330,16 +398,20 @@ def plot(rows: list[dict], path: str) -> bool:
     figure, (speed, cost) = plt.subplots(1, 2, figsize=(10, 4))
     jax_rows = [row for row in rows if row["framework"] == "jax"]
     for method in sorted({row["method"] for row in jax_rows}):
-        for mode in sorted({row["mode"] for row in jax_rows}):
-            points = sorted(
-                (row["keep_rate"], row["images_per_s"], row["gmacs"])
-                for row in jax_rows
-                if row["method"] == method and row["mode"] == mode
-            )
-            rates = [p[0] for p in points]
-            speed.plot(rates, [p[1] for p in points], marker="o", label=f"{method} {mode}")
-            if mode == jax_rows[0]["mode"]:
-                cost.plot(rates, [p[2] for p in points], marker="o", label=method)
+        for framework in ("jax", "onnxruntime"):
+            for mode in sorted({row["mode"] for row in jax_rows}):
+                points = sorted(
+                    (row["keep_rate"], row["images_per_s"], row["gmacs"])
+                    for row in rows
+                    if (row["framework"], row["method"], row["mode"]) == (framework, method, mode)
+                )
+                if not points:
+                    continue
+                rates = [p[0] for p in points]
+                label = f"{method} {mode}" + (" (ONNX Runtime)" if framework != "jax" else "")
+                speed.plot(rates, [p[1] for p in points], marker="o", label=label)
+                if framework == "jax" and mode == jax_rows[0]["mode"]:
+                    cost.plot(rates, [p[2] for p in points], marker="o", label=method)
     speed.set(xlabel="keep rate", ylabel="images / s", title="throughput")
     cost.set(xlabel="keep rate", ylabel="GMACs / image", title="compute")
     speed.legend(fontsize=7)
@@ -363,13 +435,20 @@ def check_flags() -> None:
         raise ValueError("--batch_size and --repeats must be at least 1.")
     if FLAGS.torch and not all(importlib.util.find_spec(name) for name in ("torch", "timm")):
         raise ValueError("--torch needs PyTorch and timm: pip install -e '.[torch]'.")
+    if FLAGS.onnx:
+        if "inference" not in FLAGS.modes:
+            raise ValueError("--onnx times inference: add inference to --modes.")
+        if not all(importlib.util.find_spec(name) for name in ("jax2onnx", "onnxruntime")):
+            from clca_jax.export import JAX2ONNX_INSTALL
+
+            raise ValueError(f"--onnx needs jax2onnx and ONNX Runtime: {JAX2ONNX_INSTALL}.")
 
 
 def main(argv) -> None:
     del argv
     if FLAGS.worker:
         spec = json.loads(FLAGS.worker)
-        row = torch_measurement(spec) if spec["kind"] == "torch" else jax_measurement(spec)
+        row = MEASUREMENTS[spec["kind"]](spec)
         print(json.dumps(row))
         return
     with user_errors.reported(FLAGS.debug):
@@ -399,6 +478,9 @@ def define_flags() -> None:
     flags.DEFINE_list("modes", ["inference", "train"], f"What to time, of {', '.join(MODES)}.")
     flags.DEFINE_string("out", "bench_out", "Output directory.")
     flags.DEFINE_bool("torch", False, "Also time the PyTorch timm model (needs the torch extra).")
+    flags.DEFINE_bool(
+        "onnx", False, "Also time each inference model's ONNX export in ONNX Runtime."
+    )
     flags.DEFINE_enum(
         "host_malloc",
         "retain",

@@ -51,7 +51,9 @@ def test_benchmark_writes_one_row_per_method_rate_and_mode(tmp_path):
     by_rate = {float(row["keep_rate"]): float(row["gmacs"]) for row in rows[:6]}
     assert by_rate[0.25] < by_rate[0.5] < by_rate[1.0]
     assert (tmp_path / "benchmark.png").stat().st_size > 0
-    assert "framework method" in result.stdout and "host malloc: " in result.stdout
+    header = next(line for line in result.stdout.splitlines() if line.startswith("framework"))
+    assert header.split()[:6] == ["framework", "method", "kr", "mode", "img/s", "ms/batch"]
+    assert "host malloc: " in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -60,6 +62,7 @@ def test_benchmark_writes_one_row_per_method_rate_and_mode(tmp_path):
         (["--methods=bogus"], "bogus at keep rate 0.1: model.reduction.method must be one of"),
         (["--keep_rates=half"], "--keep_rates must be numbers, got half."),
         (["--modes=fast"], "--modes takes inference, train, train_grad_norms, got"),
+        (["--modes=train", "--onnx"], "--onnx times inference: add inference to --modes."),
     ],
 )
 def test_benchmark_rejects_bad_flags_before_measuring(tmp_path, flags, message):
@@ -87,3 +90,30 @@ def test_gradient_norm_mode_times_the_train_step_with_the_norms_jax_only(tmp_pat
     assert with_norms > plain
     assert rows[0]["gmacs"] == rows[1]["gmacs"]
     assert "train_grad_norms" in result.stdout
+
+
+def test_onnx_rows_time_each_inference_models_export(tmp_path):
+    """`--onnx` adds an ONNX Runtime row after the JAX rows for each model timed for
+    inference, with its latency; a method the converter cannot express gets a row without
+    figures, and the run goes on."""
+    result = run_tool(
+        "--methods=none,evit,ats", "--keep_rates=0.5", "--batch_size=2", "--repeats=1",
+        "--modes=inference", f"--out={tmp_path}", "--onnx",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "benchmark.csv") as f:
+        rows = list(csv.DictReader(f))
+    keys = [(row["framework"], row["method"]) for row in rows]
+    methods = ["none", "evit", "ats"]
+    assert keys == [("jax", m) for m in methods] + [("onnxruntime", m) for m in methods]
+    jax_rows = {row["method"]: row for row in rows[:3]}
+    for row in rows:
+        if row["framework"] == "onnxruntime" and row["method"] == "ats":
+            assert row["images_per_s"] == "nan" and row["latency_ms"] == "nan"
+            continue
+        assert float(row["images_per_s"]) > 0
+        latency = float(row["latency_ms"])
+        assert latency == pytest.approx(1e3 * 2 / float(row["images_per_s"]), rel=1e-9)
+        assert row["mode"] == "inference"
+        assert float(row["gmacs"]) == float(jax_rows[row["method"]]["gmacs"])
+    assert "onnxruntime" in result.stdout and "ms/batch" in result.stdout
