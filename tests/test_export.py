@@ -46,7 +46,9 @@ def images(batch: int) -> np.ndarray:
     return rng.normal(size=(batch, IMG_SIZE, IMG_SIZE, 3)).astype(np.float32)
 
 
-CASES = [(NO_REDUCTION, False), ("evit", False)] + [(m, True) for m in METHODS if m != NO_REDUCTION]
+CASES = [(NO_REDUCTION, False)] + [
+    (m, clca) for m in METHODS if m != NO_REDUCTION for clca in (False, True)
+]
 
 
 @pytest.mark.parametrize("method,clca", CASES, ids=[f"{m}-clca{int(c)}" for m, c in CASES])
@@ -129,3 +131,27 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         export.export(str(tmp_path / "export"), model_dir=str(tmp_path / "absent"), **kwargs)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [NO_REDUCTION, "evit"])
+def test_the_papers_vit_b16_at_448_exports_with_the_models_logits(tmp_path, method):
+    """The paper's model (CLIP ViT-B/16 at 448 px, CLA head and cache, 1,938 classes; EViT at
+    keep rate 0.1, or no reduction) through both formats: `export` itself refuses a file whose
+    logits at batch sizes 1 and 8 differ by more than 1e-4, and the files are run again here."""
+    from clca_jax.configs import soyglobal
+
+    config = soyglobal.get_config().model
+    config.reduction.update(method=method, keep_rate=0.1 if method != NO_REDUCTION else 1.0)
+    model = create_model(config)
+    size = config.img_size
+    variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, size, size, 3)))
+    directory = str(tmp_path / "model")
+    pretrained.save_pretrained(directory, variables, config)
+    out = str(tmp_path / "export")
+    info = export.export(out, model_dir=directory)
+    assert all(check["max_abs_difference"] <= TOLERANCE for check in info["checks"].values())
+    x = np.random.default_rng(7).normal(size=(2, size, size, 3)).astype(np.float32)
+    want = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False)[0])(variables, x))
+    for run in (exported.load_stablehlo(out), exported.OnnxModel(out)):
+        np.testing.assert_allclose(np.asarray(run(x)), want, rtol=0, atol=TOLERANCE)

@@ -102,6 +102,14 @@ def test_quickstart_as_a_user_runs_it(kernel_name, tmp_path, monkeypatch):
         assert label in tables[0]
     assert (tmp_path / "kept_tokens.png").is_file()
     assert (tmp_path / "demo" / "no_reduction" / "summary.json").is_file()
+    # The deploy cell: the export's own checks, then ONNX Runtime against JAX on the test image.
+    assert sorted(os.listdir(tmp_path / "exported_clca")) == [
+        "export.json", "model.onnx", "model.stablehlo",
+    ]  # fmt: skip
+    differences = re.findall(r"logits within (\S+?)(?: of JAX's|$)", text, re.M)
+    assert len(differences) == 3, text[-2000:]
+    assert all(float(d) <= 1e-4 for d in differences)
+    assert re.search(r"^predicted: .+ \| label: .+$", text, re.M)
 
 
 def test_paper_notebook_without_the_dataset(kernel_name, tmp_path, monkeypatch):
