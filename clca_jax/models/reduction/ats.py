@@ -110,9 +110,9 @@ def cdist_matmul(points: np.ndarray, cdf: jax.Array) -> jax.Array:
     distribution over hundreds of tokens), so its rounding decides which token a quantile
     picks. It is computed here as the same matrix product: written element-wise, XLA:CPU
     contracts multiplications into the following additions (fused multiply-adds) and so skips
-    roundings of -2ab, a^2 or b^2 that torch performs. The square root is the correctly
-    rounded one, as on CUDA; torch on the CPU calls MKL's, which is one ulp low for ~0.6% of
-    inputs: that changes a pick only where it makes or breaks an exact tie.
+    roundings of -2ab, a^2 or b^2 that torch performs. Square roots on the CPU (torch's and
+    XLA's vectorised ones) can be one ulp off, how often depends on the CPU: that changes a pick
+    only where it makes or breaks an exact tie.
 
     Args:
       points: quantile points [Q], float32.
@@ -121,10 +121,14 @@ def cdist_matmul(points: np.ndarray, cdf: jax.Array) -> jax.Array:
     Returns:
       [B, Q, N] distances.
     """
+    return jnp.sqrt(jnp.maximum(cdist_squared(points, cdf), 0.0))
+
+
+def cdist_squared(points: np.ndarray, cdf: jax.Array) -> jax.Array:
+    """x1_ @ x2_^T of `cdist_matmul`, before the clamp and the square root: [B, Q, N]."""
     left = np.stack([-2 * points, points * points, np.ones_like(points)], axis=-1)
     right = jnp.stack([cdf, jnp.ones_like(cdf), cdf * cdf], axis=-1)
-    squared = jnp.einsum("qk,bnk->bqn", left, right, precision=jax.lax.Precision.HIGHEST)
-    return jnp.sqrt(jnp.maximum(squared, 0.0))
+    return jnp.einsum("qk,bnk->bqn", left, right, precision=jax.lax.Precision.HIGHEST)
 
 
 def torch_cdist(points: np.ndarray, cdf: jax.Array, rows: int | jax.Array) -> jax.Array:
