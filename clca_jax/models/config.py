@@ -18,9 +18,10 @@ NO_HEAD = "none"
 CLCA_HEADS = (NO_HEAD, "cla", "ifa")
 DTYPES = ("float32", "bfloat16", "float16")
 # How attention runs: `per_image` loops over the images of a batch (each [heads, N, N] map stays
-# in cache: about 2x faster for ViT-B at 448 px on a CPU), `batched` is one pass over the batch
-# (accelerators); `auto` picks per_image on the CPU and batched elsewhere.
-ATTENTION_CHOICES = ("auto", "per_image", "batched")
+# in cache: about 2x faster for ViT-B at 448 px on a CPU), `batched` is one pass over the batch,
+# `fused` calls jax.nn.dot_product_attention (cuDNN flash attention on GPUs) and computes the
+# class token's probability row on the side; `auto` picks per_image on the CPU, fused elsewhere.
+ATTENTION_CHOICES = ("auto", "per_image", "batched", "fused")
 
 
 class _KeepRateType(type):

@@ -143,7 +143,8 @@ class Attention(nn.Module):
       num_heads: number of heads.
       qkv_bias: bias on the fused qkv projection.
       dtype: matmul dtype; the softmax is computed in float32.
-      attention: `model.attention`: per_image, batched, or auto (per_image on the CPU).
+      attention: `model.attention`: per_image, batched, fused, or auto (per_image on the CPU,
+        fused elsewhere).
     """
 
     num_heads: int
@@ -177,27 +178,107 @@ class Attention(nn.Module):
             name="qkv",
         )(x)
         # Same split as timm: (3, heads, head_dim) along the feature axis.
-        qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        query, keys, values = qkv[0], qkv[1], qkv[2]
-        core = functools.partial(attention_core, dtype=self.dtype)
-        operands = (query * head_dim**-0.5, keys, values, bias, policy)
-        if runs_per_image(self.attention):
-            # One image at a time keeps each [heads, N, N] map in cache: about 2x faster for
-            # ViT-B at 448 px on a CPU than one batched [B, heads, N, N] pass.
-            out, cls_probs = jax.lax.map(lambda args: core(*args), operands)
+        qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
+        choice = resolve_attention(self.attention)
+        if choice == "fused" and policy is None:
+            # [B, N, heads, head_dim], the layout of jax.nn.dot_product_attention.
+            query, keys, values = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            implementation = fused_implementation(self.dtype, head_dim)
+            out, cls_probs = fused_attention(
+                query * head_dim**-0.5, keys, values, bias, implementation
+            )
+            out = out.reshape(batch, length, width)
+            keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
         else:
-            out, cls_probs = jax.vmap(core)(*operands)
-        out = out.transpose(0, 2, 1, 3).reshape(batch, length, width)
+            qkv = qkv.transpose(2, 0, 3, 1, 4)
+            query, keys, values = qkv[0], qkv[1], qkv[2]
+            core = functools.partial(attention_core, dtype=self.dtype)
+            operands = (query * head_dim**-0.5, keys, values, bias, policy)
+            if choice == "per_image":
+                # One image at a time keeps each [heads, N, N] map in cache: about 2x faster
+                # for ViT-B at 448 px on a CPU than one batched [B, heads, N, N] pass.
+                out, cls_probs = jax.lax.map(lambda args: core(*args), operands)
+            else:
+                # Also DynamicViT's masked softmax in training, which the fused kernel lacks.
+                out, cls_probs = jax.vmap(core)(*operands)
+            out = out.transpose(0, 2, 1, 3).reshape(batch, length, width)
         out = nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(out)
         attention = AttentionOutput(cls_probs=cls_probs, keys=keys, values=values)
         return out.astype(jnp.float32), attention
 
 
-def runs_per_image(attention: str) -> bool:
-    """Whether `model.attention` loops over the images of a batch (CPU) or batches them."""
+def resolve_attention(attention: str) -> str:
+    """`model.attention` with `auto` resolved: per_image on the CPU, fused elsewhere."""
     if attention == "auto":
-        return jax.default_backend() == "cpu"
-    return attention == "per_image"
+        return "per_image" if jax.default_backend() == "cpu" else "fused"
+    return attention
+
+
+def fused_implementation(dtype: Dtype, head_dim: int) -> str:
+    """cuDNN's flash attention where its constraints hold (a GPU, bfloat16 or float16 inputs,
+    a head dimension that is a multiple of 8 and at most 128), XLA's attention elsewhere."""
+    cudnn_dtype = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if jax.default_backend() == "gpu" and cudnn_dtype and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return "xla"
+
+
+def fused_attention(
+    query: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    bias: jax.Array | None,
+    implementation: str = "xla",
+) -> tuple[jax.Array, jax.Array]:
+    """`jax.nn.dot_product_attention` for the block output, the class token's row on the side.
+
+    The fused kernel never exposes its probabilities, and token reduction needs only the class
+    token's row: that is one query against every key, computed exactly in float32 (O(N d)).
+
+    Args:
+      query: scaled queries [B, N, heads, head_dim].
+      keys: keys [B, N, heads, head_dim].
+      values: values [B, N, heads, head_dim].
+      bias: additive logit bias broadcastable to [B, heads, N, N], or None.
+      implementation: "xla" or "cudnn" (see `fused_implementation`). The sequence is padded
+        to a multiple of `FUSED_PAD_MULTIPLE[implementation]` with keys that no query sees
+        (cuDNN trains with a bias only at even lengths); the output is cut back to N.
+
+    Returns:
+      The attention output [B, N, heads, head_dim] and the class token's softmax row, float32
+      [B, heads, N].
+    """
+    batch, length, heads, _ = query.shape
+    cls_logits = jnp.einsum("bhd,bkhd->bhk", query[:, 0], keys).astype(jnp.float32)
+    if bias is not None:
+        cls_logits = cls_logits + jax.lax.slice_in_dim(bias, 0, 1, axis=2)[:, :, 0, :]
+    cls_probs = jax.nn.softmax(cls_logits, axis=-1)
+    extra = -length % FUSED_PAD_MULTIPLE[implementation]
+    if extra:
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))  # noqa: E731
+        query, keys, values = pad(query), pad(keys), pad(values)
+        if bias is not None:
+            rows = extra if bias.shape[2] > 1 else 0
+            bias = jnp.pad(bias, ((0, 0), (0, 0), (0, rows), (0, extra)))
+        key_mask = jnp.where(jnp.arange(length + extra) < length, 0.0, -jnp.inf)
+        bias = key_mask[None, None, None, :] if bias is None else bias + key_mask
+    if implementation == "cudnn" and bias is not None:
+        # cuDNN takes a bias of the full [B, heads, N, N] shape in the inputs' dtype, with
+        # finite large negatives for masked logits.
+        padded = length + extra
+        bias = jnp.broadcast_to(bias, (batch, heads, padded, padded))
+        bias = jnp.maximum(bias, CUDNN_LARGE_NEGATIVE[jnp.dtype(query.dtype).name])
+        bias = bias.astype(query.dtype)
+    out = jax.nn.dot_product_attention(
+        query, keys, values, bias, scale=1.0, implementation=implementation
+    )
+    return out[:, :length], cls_probs
+
+
+FUSED_PAD_MULTIPLE = {"xla": 1, "cudnn": 2}
+# What jax's own cuDNN path uses for masked logits (cuDNN mishandles differences of two larger
+# negatives).
+CUDNN_LARGE_NEGATIVE = {"bfloat16": -(2.0**41), "float16": -(2.0**15)}
 
 
 def attention_core(query, keys, values, bias, policy, dtype) -> tuple[jax.Array, jax.Array]:
@@ -410,7 +491,7 @@ class VisionTransformer(nn.Module):
         rows unless `no_embed_class`. The sequence is [CLS, DINOv2 register tokens (the
         backbone's `reg_tokens`), patches, CLR]; reductions never touch the first two.
       dtype: matmul dtype.
-      attention: `model.attention`: how attention runs (per_image, batched or auto).
+      attention: `model.attention`: how attention runs (per_image, batched, fused or auto).
       input_normalization: (mean, std) the images are normalised with before the model
         (`model.normalization`); the model itself reads normalised images.
       drop_path_rate: stochastic depth of the last block; block i gets
