@@ -34,6 +34,8 @@ COMMON_FIELDS = (
     "model.backbone",
     "model.img_size",
     "model.dtype",
+    "model.attention",
+    "model.remat",
     "model.reduction.method",
     "model.reduction.keep_rate",
     "model.reduction.locations",
@@ -43,6 +45,7 @@ COMMON_FIELDS = (
     "optim.lr",
     "train.epochs",
     "train.batch_size",
+    "train.accumulation_steps",
     "eval.batch_size",
     "seed",
 )

@@ -39,13 +39,23 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import jmp
 import ml_collections
 import optax
 from absl import logging
 
 from clca_jax import data, pretrained
 from clca_jax.models import VisionTransformer
-from clca_jax.training import checkpoint, ema, evaluation, losses, optim, sharding, workdirs
+from clca_jax.training import (
+    checkpoint,
+    ema,
+    evaluation,
+    losses,
+    optim,
+    precision,
+    sharding,
+    workdirs,
+)
 from clca_jax.training import metrics as metrics_lib
 from clca_jax.training import mixup as mixup_lib
 from clca_jax.training.config import validate_config
@@ -86,6 +96,10 @@ class Input:
 def make_input(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Input:
     """Loaders for `config.data`, sized for `config.model.img_size`, split over the processes."""
     sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
+    micro_batch = config.train.batch_size // config.train.accumulation_steps
+    sharding.check_batch_size(
+        micro_batch, mesh, "train.batch_size / train.accumulation_steps (the micro-batch)"
+    )
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     processes = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     img_size = config.model.img_size
@@ -179,6 +193,8 @@ def optimizer_and_schedule(
     tx = optim.make_optimizer(
         config.optim, schedule, model.backbone.depth, decay_clr=model.method.decays_clr
     )
+    if precision.needs_loss_scale(model.dtype):
+        tx = precision.with_dynamic_loss_scale(tx)
     return tx, schedule
 
 
@@ -313,9 +329,13 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, recipe=No
     with `recipe.label_smoothing`) plus the model's `aux['extra_loss']` (DynamicViT's ratio
     loss), when it reports one. With `mixup` (a `training.mixup.Mixup`) the batch is mixed first
     with draws from `fold_in(key, MIX_STREAM)`, which sets `batch['soft_label']`. With
-    `recipe.ema_decay > 0` the weight average follows the step. With
-    `recipe.log_gradient_norms` the metrics also hold the norms of the step's gradients (before
-    any clipping) per top-level parameter (`metrics.gradient_norms`). No `recipe`: `Recipe()`.
+    `recipe.accumulation_steps = k` the gradient is the mean over k micro-batches taken one
+    after another (`accumulated_gradients`). With `recipe.ema_decay > 0` the weight average
+    follows the step. With `recipe.log_gradient_norms` the metrics also hold the norms of the
+    step's gradients (before any clipping) per top-level parameter (`metrics.gradient_norms`).
+    A float16 model's optimizer carries a dynamic loss scale (`training.precision`): the loss
+    is scaled, and a step whose gradients overflow only lowers the scale. No `recipe`:
+    `Recipe()`.
     """
     recipe = Recipe() if recipe is None else recipe
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -325,9 +345,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, recipe=No
             batch["image"], batch["label"], model.num_classes, mix_key, mixup
         )
         batch = dict(batch, image=images, soft_label=soft)
+    loss_scale = precision.loss_scale_of(state.opt_state)
 
-    def loss_fn(params):
-        variables = state.replace(params=params).variables()
+    def loss_fn(params, batch_stats, batch, key):
+        variables = state.replace(params=params, batch_stats=batch_stats).variables()
         logits, aux, batch_stats = apply_model(
             model, variables, batch["image"], train=True, key=key
         )
@@ -335,9 +356,17 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, recipe=No
             logits, losses.targets_of(batch), recipe.label_smoothing
         )
         loss = cross_entropy.mean() + aux.get("extra_loss", 0.0)
-        return loss, (logits, batch_stats)
+        return loss_scale.scale(loss), (loss, logits, batch_stats)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    gradient = jax.value_and_grad(loss_fn, has_aux=True)
+    if recipe.accumulation_steps == 1:
+        (_, (loss, logits, batch_stats)), grads = gradient(
+            state.params, state.batch_stats, batch, key
+        )
+    else:
+        loss, logits, batch_stats, grads = accumulated_gradients(
+            gradient, state, batch, key, recipe.accumulation_steps
+        )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updated = state.replace(
         params=optax.apply_updates(state.params, updates),
@@ -347,15 +376,67 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, recipe=No
     if recipe.ema_decay:
         decay = ema.decay_at(state.step + 1, recipe.ema_decay, recipe.ema_warmup)
         updated = updated.replace(ema=ema.update(state.ema, updated.variables(), decay))
-    what = nonfinite_what(loss, grads)
+    grads = loss_scale.unscale(grads)
+    scaled = isinstance(opt_state, precision.LossScaleState)
+    # With a loss scale, overflowed gradients are the scale's business (the optimizer skipped
+    # the update and lowered it); only a non-finite loss counts as a bad step.
+    what = nonfinite_what(loss, {} if scaled else grads)
     # A bad step changes nothing but the step count, so the data and noise streams stay aligned.
     kept = jax.tree.map(lambda new, old: jnp.where(what < 0, new, old), updated, state)
     new_state = kept.replace(step=state.step + 1)
     grad_norms = metrics_lib.gradient_norms(grads) if recipe.log_gradient_norms else None
+    scale_metrics = {}
+    if scaled:
+        overflow = jnp.logical_not(jmp.all_finite(grads))
+        scale_metrics = dict(loss_scale=opt_state.scale, overflow=overflow)
     step_metrics = metrics_lib.train_step_metrics(
-        loss, schedule(state.step), logits, batch["label"], new_state.step, what, grad_norms
+        loss,
+        schedule(state.step),
+        logits,
+        batch["label"],
+        new_state.step,
+        what,
+        grad_norms,
+        **scale_metrics,
     )
     return new_state, step_metrics
+
+
+def accumulated_gradients(gradient, state: TrainState, batch: dict, key, steps: int):
+    """The mean loss and gradient of `batch` over `steps` micro-batches, taken in turn.
+
+    Micro-batch j holds examples j, j + steps, j + 2 steps, ... of the global batch, so each
+    device's share of the batch splits into its own share of every micro-batch (no data moves
+    between devices). The micro-batches are equal in size, so the mean of their mean losses and
+    gradients is the whole batch's. BatchNorm (the CLA head) normalises each micro-batch with
+    its own statistics, as a PyTorch loop over micro-batches does, and its running statistics
+    are updated once per micro-batch, in order. Micro-batch j draws its noise from
+    `fold_in(key, j)`.
+
+    Returns:
+      (loss, logits in the batch's order, batch_stats, grads), the gradients still scaled.
+    """
+
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), 0, 1)
+
+    def body(carry, micro):
+        batch_stats, total = carry
+        index, part = micro
+        (_, (loss, logits, batch_stats)), grads = gradient(
+            state.params, batch_stats, part, jax.random.fold_in(key, index)
+        )
+        total = jax.tree.map(jnp.add, total, grads)
+        return (batch_stats, total), (loss, logits)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    micro_batches = (jnp.arange(steps), jax.tree.map(split, batch))
+    (batch_stats, total), (losses_, logits) = jax.lax.scan(
+        body, (state.batch_stats, zeros), micro_batches
+    )
+    grads = jax.tree.map(lambda g: g / steps, total)
+    logits = jnp.swapaxes(logits, 0, 1).reshape(-1, logits.shape[-1])
+    return jnp.mean(losses_), logits, batch_stats, grads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,12 +448,14 @@ class Recipe:
       ema_decay: `train.ema_decay` (0: no weight average).
       ema_warmup: `train.ema_warmup`.
       log_gradient_norms: `train.log_gradient_norms`.
+      accumulation_steps: `train.accumulation_steps` (1: none).
     """
 
     label_smoothing: float = 0.0
     ema_decay: float = 0.0
     ema_warmup: bool = False
     log_gradient_norms: bool = False
+    accumulation_steps: int = 1
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> Recipe:
@@ -382,6 +465,7 @@ class Recipe:
             float(train.ema_decay),
             bool(train.ema_warmup),
             bool(train.log_gradient_norms),
+            int(train.accumulation_steps),
         )
 
 

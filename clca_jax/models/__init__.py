@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import ml_collections
 
 from clca_jax.models.config import (
+    compute_dtype,
     default_model_config,
     input_normalization,
     keep_rate_option,
@@ -60,8 +60,9 @@ def create_model(
             dynamicvit_ratio_weight=float(model_config.reduction.dynamicvit_ratio_weight),
         ),
         clca=ClcaOptions(**model_config.clca.to_dict()),
-        dtype=jnp.dtype(model_config.dtype),
+        dtype=compute_dtype(model_config.dtype),
         attention=model_config.attention,
+        remat=model_config.remat,
         input_normalization=input_normalization(model_config),
         drop_path_rate=float(model_config.drop_path_rate),
         dropout_rate=float(model_config.dropout_rate),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import flags
 from ml_collections import config_dict, config_flags
@@ -16,7 +18,12 @@ from clca_jax.models.reduction.ats import DISTANCES as ATS_DISTANCES
 
 NO_HEAD = "none"
 CLCA_HEADS = (NO_HEAD, "cla", "ifa")
-DTYPES = ("float32", "bfloat16", "float16")
+# `auto`: bfloat16 on accelerators, float32 on the CPU (see `compute_dtype`).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# `block`: each block's halves are recomputed in the backward pass (jax.checkpoint with
+# nothing saved); a `jax.checkpoint_policies` name keeps what that policy saves.
+REMAT_POLICIES = ("dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
+REMAT_CHOICES = ("none", "block", *REMAT_POLICIES)
 # How attention runs: `per_image` loops over the images of a batch (each [heads, N, N] map stays
 # in cache: about 2x faster for ViT-B at 448 px on a CPU), `batched` is one pass over the batch,
 # `fused` calls jax.nn.dot_product_attention (cuDNN flash attention on GPUs) and computes the
@@ -69,6 +76,7 @@ def default_model_config() -> ml_collections.ConfigDict:
             "num_classes": 1000,
             "dtype": "float32",
             "attention": "auto",
+            "remat": "none",
             "normalization": normalization.DEFAULT,
             "embed_dim": config_dict.placeholder(int),
             "depth": config_dict.placeholder(int),
@@ -143,7 +151,13 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> registry.B
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"model.num_classes must be a positive integer, got {num_classes!r}.")
     if model_config.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {DTYPES}, got {model_config.dtype!r}.")
+        raise ValueError(
+            f"model.dtype must be one of {', '.join(DTYPES)}, got {model_config.dtype!r}."
+        )
+    if model_config.remat not in REMAT_CHOICES:
+        raise ValueError(
+            f"model.remat must be one of {', '.join(REMAT_CHOICES)}, got {model_config.remat!r}."
+        )
     if model_config.attention not in ATTENTION_CHOICES:
         raise ValueError(
             f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got "
@@ -294,3 +308,11 @@ def _validate_clca(clca: ml_collections.ConfigDict) -> None:
             "model.clca.clc caches nothing with include_gap=False and num_clr=0; "
             "enable include_gap or set num_clr >= 1."
         )
+
+
+def compute_dtype(dtype: str) -> jnp.dtype:
+    """`model.dtype` as the matmul dtype: `auto` is bfloat16 on a GPU or TPU, float32 on the
+    CPU. Parameters, LayerNorm, softmax and the loss stay float32 whatever the choice."""
+    if dtype == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(dtype)

@@ -457,11 +457,13 @@ class Block(nn.Module):
     def attend(
         self,
         x: jax.Array,
+        train: bool = False,
         bias: jax.Array | None = None,
         policy: jax.Array | None = None,
-        train: bool = False,
     ) -> tuple[jax.Array, AttentionOutput]:
-        """x + DropPath(LS1(Dropout(Attn(LN1(x))))), plus the attention internals."""
+        """x + DropPath(LS1(Dropout(Attn(LN1(x))))), plus the attention internals.
+
+        `train` comes second in both halves, so `remat_block` marks one position static."""
         out, attention = self.attn(self.norm1(x), bias, policy)
         out = self.proj_drop(out, deterministic=not train)
         out = self.drop_path1(self._scale("ls1", out), deterministic=not train)
@@ -497,6 +499,8 @@ class VisionTransformer(nn.Module):
       drop_path_rate: stochastic depth of the last block; block i gets
         `linspace(0, drop_path_rate, depth)[i]`, as timm's `dpr`.
       dropout_rate: dropout after the attention and MLP projections (timm's `proj_drop_rate`).
+      remat: `model.remat`: none, block (recompute each block half in the backward pass) or a
+        `jax.checkpoint_policies` name; parameters and their names do not change.
     """
 
     backbone: Backbone
@@ -509,6 +513,7 @@ class VisionTransformer(nn.Module):
     input_normalization: tuple = NORMALIZATION[DEFAULT_NORMALIZATION]
     drop_path_rate: float = 0.0
     dropout_rate: float = 0.0
+    remat: str = "none"
 
     @property
     def grid(self) -> int:
@@ -574,8 +579,9 @@ class VisionTransformer(nn.Module):
         tokens = method.initial_tokens(self.embed(images))
         cache, cls_tokens, kept, losses, counts = [], [], [], [], []
         drop_path_rates = self.drop_path_rates()
+        block_class = remat_block(self.remat)
         for index, plan in enumerate(schedule.blocks):
-            block = Block(
+            block = block_class(
                 self.backbone,
                 dtype=self.dtype,
                 attention=self.attention,
@@ -593,7 +599,7 @@ class VisionTransformer(nn.Module):
                 reduced = reduce_beside_registers(reducer, tokens, None, train, registers)
                 tokens = self.record(reduced, kept, losses)
             policy = tokens.decision if (train and tokens.decision is not None) else None
-            x, attention = block.attend(tokens.x, tokens.attention_bias(), policy, train)
+            x, attention = block.attend(tokens.x, train, tokens.attention_bias(), policy)
             tokens = tokens.replace(x=x)
             attn_tokens = x.shape[1]
             if reducer is not None and method.placement == "inside":
@@ -720,6 +726,17 @@ class VisionTransformer(nn.Module):
         if arch.pre_norm:
             x = nn.LayerNorm(epsilon=arch.ln_eps, dtype=jnp.float32, name="norm_pre")(x)
         return x
+
+
+def remat_block(remat: str) -> type[Block]:
+    """`Block`, or `Block` whose two halves are rematerialised (`jax.checkpoint`) with the
+    `model.remat` policy: activations inside a block are recomputed in the backward pass
+    instead of kept, trading compute for memory. Parameter names stay those of `Block`."""
+    if remat == "none":
+        return Block
+    policy = None if remat == "block" else getattr(jax.checkpoint_policies, remat)
+    # static_argnums counts `self`: 2 is `train` in both `attend` and `feed_forward`.
+    return nn.remat(Block, static_argnums=(2,), policy=policy, methods=["attend", "feed_forward"])
 
 
 @functools.lru_cache(maxsize=64)

@@ -83,6 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
                 "ema_decay": 0.0,
                 "ema_warmup": False,
                 "log_gradient_norms": False,
+                "accumulation_steps": 1,
                 "mixup": default_mixup_config(),
             },
             "eval": {"batch_size": 48, "every_epochs": 0, "select": "raw"},
@@ -107,7 +108,15 @@ def validate_config(config: ml_collections.ConfigDict) -> VisionTransformer:
     validate_data_config(config.data)
     model = create_model(config.model)  # checks every model field and the token schedule
     _check_optim(config.optim)
-    _check_positive(config.train, ("epochs", "batch_size", "log_every_steps"), "train")
+    _check_positive(
+        config.train, ("epochs", "batch_size", "log_every_steps", "accumulation_steps"), "train"
+    )
+    if config.train.batch_size % config.train.accumulation_steps:
+        raise ValueError(
+            f"train.batch_size={config.train.batch_size} does not split into "
+            f"train.accumulation_steps={config.train.accumulation_steps} equal micro-batches; "
+            "use a batch size that is a multiple of it."
+        )
     _check_choice(config.train, "on_nonfinite", ON_NONFINITE, "train")
     _check_recipe(config)
     validate_mixup_config(config.train.mixup)

@@ -7,6 +7,7 @@ clu reads the metric types from the collections' annotations, so this module mus
 `from __future__ import annotations`.
 """
 
+import functools
 import glob
 import json
 import logging
@@ -124,19 +125,54 @@ class GradientNorms(metrics.Metric):
         return self.total / self.count
 
 
-TrainMetricsWithGradients = flax.struct.dataclass(
-    type(
-        "TrainMetricsWithGradients",
-        (metrics.Collection,),
-        {
-            "__annotations__": dict(TrainMetrics.__annotations__, grad_norms=GradientNorms),
-            "__doc__": "`TrainMetrics` plus the averaged per-part gradient norms.",
-        },
-    )
-)
+@flax.struct.dataclass
+class OverflowSteps(metrics.Metric):
+    """How many steps a float16 run skipped because its scaled gradients overflowed."""
+
+    count: jax.Array
+
+    @classmethod
+    def from_model_output(cls, overflow, **_) -> "OverflowSteps":
+        return cls(overflow.astype(jnp.int32))
+
+    def merge(self, other: "OverflowSteps") -> "OverflowSteps":
+        return type(self)(self.count + other.count)
+
+    def compute(self) -> jax.Array:
+        return self.count
 
 
-def train_step_metrics(loss, learning_rate, logits, labels, step, nonfinite_what, grad_norms=None):
+@functools.cache
+def train_metrics_class(gradients: bool = False, loss_scale: bool = False) -> type:
+    """`TrainMetrics`, plus the averaged per-part gradient norms (`gradients`) and float16's
+    latest loss scale and count of overflowed steps (`loss_scale`)."""
+    if not gradients and not loss_scale:
+        return TrainMetrics
+    fields = dict(TrainMetrics.__annotations__)
+    if gradients:
+        fields["grad_norms"] = GradientNorms
+    if loss_scale:
+        fields["loss_scale"] = metrics.LastValue.from_output("loss_scale")
+        fields["overflow_steps"] = OverflowSteps
+    name = "TrainMetrics" + "WithGradients" * gradients + "WithLossScale" * loss_scale
+    body = {"__annotations__": fields, "__doc__": train_metrics_class.__doc__}
+    return flax.struct.dataclass(type(name, (metrics.Collection,), body))
+
+
+TrainMetricsWithGradients = train_metrics_class(gradients=True)
+
+
+def train_step_metrics(
+    loss,
+    learning_rate,
+    logits,
+    labels,
+    step,
+    nonfinite_what,
+    grad_norms=None,
+    loss_scale=None,
+    overflow=None,
+):
     """The metrics of one train step.
 
     Args:
@@ -147,8 +183,12 @@ def train_step_metrics(loss, learning_rate, logits, labels, step, nonfinite_what
       step: the step count after this step.
       nonfinite_what: -1 when loss and gradients were finite, else what was not (see
         `NonFinite`).
-      grad_norms: None, or `gradient_norms` of the step's gradients (then the collection is a
-        `TrainMetricsWithGradients`).
+      grad_norms: None, or `gradient_norms` of the step's gradients.
+      loss_scale: None, or float16's loss scale after the step (then also `overflow`: whether
+        the step's scaled gradients overflowed).
+
+    Returns:
+      A `train_metrics_class` collection with the parts given.
     """
     outputs = dict(
         loss=loss,
@@ -157,9 +197,12 @@ def train_step_metrics(loss, learning_rate, logits, labels, step, nonfinite_what
         nonfinite_what=nonfinite_what,
         **top_k_correct(logits, labels),
     )
-    if grad_norms is None:
-        return TrainMetrics.single_from_model_output(**outputs)
-    return TrainMetricsWithGradients.single_from_model_output(grad_norms=grad_norms, **outputs)
+    if grad_norms is not None:
+        outputs["grad_norms"] = grad_norms
+    if loss_scale is not None:
+        outputs.update(loss_scale=loss_scale, overflow=overflow)
+    collection = train_metrics_class(grad_norms is not None, loss_scale is not None)
+    return collection.single_from_model_output(**outputs)
 
 
 @flax.struct.dataclass

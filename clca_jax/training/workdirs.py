@@ -25,7 +25,7 @@ from clca_jax.training.config import config_from_dict
 RUN_CONFIG_FILE = "config.json"
 CLASSES_FILE = "classes.json"
 # Model fields that change how the model runs, not its parameters: a run may resume with others.
-RUNTIME_FIELDS = frozenset({"model.attention"})
+RUNTIME_FIELDS = frozenset({"model.attention", "model.remat"})
 
 
 def run_config_path(workdir: str) -> str:
