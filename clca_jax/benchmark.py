@@ -49,7 +49,7 @@ RETAIN_HOST_MEMORY = (
 
 COLUMNS = [
     "framework", "method", "keep_rate", "mode", "images_per_s", "latency_ms", "compile_s", "gmacs",
-    "xla_gflops", "peak_fraction", "peak_rss_gib", "traces",
+    "xla_gflops", "peak_fraction", "peak_rss_gib", "device_peak_gib", "traces", "device",
 ]  # fmt: skip
 
 
@@ -68,18 +68,35 @@ def median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak_flops(repeats: int) -> float:
-    """Dense float32 matmul FLOP/s of this device (the best of a few sizes)."""
+def matmul_peak_flops(repeats: int, dtype="float32") -> float:
+    """Dense matmul FLOP/s of this device in `dtype`, the model's compute dtype (the best of a
+    few sizes; accelerators get larger ones). Random operands: zeros run faster on some GPUs."""
     import jax
-    import jax.numpy as jnp
 
     matmul = jax.jit(lambda x, y: x @ y)
+    sizes = (1024, 2048) if jax.default_backend() == "cpu" else (4096, 8192)
     best = 0.0
-    for size in (1024, 2048):
-        operand = jnp.ones((size, size), jnp.float32)
+    for size in sizes:
+        operand = jax.random.normal(jax.random.key(0), (size, size), dtype)
         run = functools.partial(synchronised, matmul, operand, operand)
         best = max(best, 2 * size**3 / median_seconds(run, repeats))
     return best
+
+
+def device_memory_peak_gib() -> float:
+    """Peak memory in use on the first device (NaN where the runtime does not say: the CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return float("nan") if peak is None else peak / 2**30
+
+
+def device_name() -> str:
+    import jax
+
+    device = jax.devices()[0]
+    return f"{device.platform}:{getattr(device, 'device_kind', '')}".replace(",", " ")
 
 
 def synchronised(function, *arguments):
@@ -124,7 +141,7 @@ def jax_measurement(spec: dict) -> dict:
     rngs = {"params": jax.random.key(0), "reduction": jax.random.key(1)}
     variables = jax.jit(model.init)(rngs, images[:1])
     gmacs = count_macs(model).gmacs
-    peak = matmul_peak_flops(spec["repeats"])
+    peak = matmul_peak_flops(spec["repeats"], model.dtype)
     traces = []
 
     def forward(variables, images):
@@ -184,7 +201,9 @@ def jax_measurement(spec: dict) -> dict:
         "xla_gflops": xla_flops / batch / 1e9,
         "peak_fraction": model_flops / seconds / peak,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "device_peak_gib": device_memory_peak_gib(),
         "traces": len(traces),
+        "device": device_name(),
     }
 
 
@@ -233,7 +252,9 @@ def torch_measurement(spec: dict) -> dict:
         "xla_gflops": float("nan"),
         "peak_fraction": float("nan"),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "device_peak_gib": float("nan"),
         "traces": 0,
+        "device": "cpu:torch",
     }
 
 
@@ -263,7 +284,9 @@ def onnx_measurement(spec: dict) -> dict:
         "gmacs": count_macs(model).gmacs,
         "xla_gflops": float("nan"),
         "peak_fraction": float("nan"),
+        "device_peak_gib": float("nan"),
         "traces": 0,
+        "device": "cpu:onnxruntime",
     }
     function = export.inference_function(model, jax.device_get(variables))
     start = time.perf_counter()

@@ -24,6 +24,7 @@ from absl import app, flags, logging
 
 from clca_jax import commands, config_files, train, user_errors, visualize
 from clca_jax.configs import demo as demo_config
+from clca_jax.training import workdirs
 from clca_jax.training.config import parse_flags
 
 COMPARISON_FILE = "comparison.md"
@@ -71,6 +72,7 @@ def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Trains and evaluates the three runs in `workdir`; returns the comparison table."""
+    workdir = workdirs.check_workdir_name(workdir)  # an empty name would mean this folder
     summaries, folders = [], []
     configs = run_configs(config)
     for index, (folder, label, variant) in enumerate(configs, start=1):
@@ -107,7 +109,7 @@ def main(argv):
     FLAGS = flags.FLAGS
     with user_errors.reported(FLAGS.debug):
         table = run_demo(FLAGS.config, FLAGS.workdir)
-    workdir = FLAGS.workdir
+    workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
     print(table)
     print(
         f"\n(also in {os.path.join(workdir, COMPARISON_FILE)}; the kept tokens are drawn in "

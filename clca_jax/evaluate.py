@@ -4,7 +4,7 @@
     python -m clca_jax.evaluate --workdir=runs/demo
     # the moving average of the weights of a run with train.ema_decay > 0
     python -m clca_jax.evaluate --workdir=runs/demo --weights=ema
-    # a converted model directory (tools/convert_timm_weights.py --out DIR): the data, eval
+    # a converted model directory (clca-convert --out DIR): the data, eval
     # and mesh sections come from a config file
     python -m clca_jax.evaluate --workdir=pretrained/clca_soyglobal \
         --config=soyglobal --config.data.dir=/data/soyglobal

@@ -169,7 +169,7 @@ def format_table(model_config: ml_collections.ConfigDict, result: dict) -> str:
 
 def directory_model_config(directory: str) -> ml_collections.ConfigDict:
     """The `model` section of a training workdir's saved config, or of a converted model
-    directory (`tools/convert_timm_weights.py --out`)."""
+    directory (`clca-convert --out`)."""
     from clca_jax.training import workdirs
 
     directory = os.path.expanduser(directory)

@@ -2,7 +2,7 @@
 
     # a training workdir: its best checkpoint (--checkpoint=latest for the latest)
     python -m clca_jax.predict --workdir=runs/folder_tiny --images=NEW_IMAGES --out=predictions.csv
-    # a converted model directory (tools/convert_timm_weights.py --out DIR)
+    # a converted model directory (clca-convert --out DIR)
     python -m clca_jax.predict --model=pretrained/clca_soyglobal --images=a.jpg,b.jpg --top_k=3
     # an export folder of clca_jax.export (ONNX Runtime), or one of its files
     python -m clca_jax.predict --exported=exported/folder_tiny --images=NEW_IMAGES

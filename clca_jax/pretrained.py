@@ -1,6 +1,6 @@
 """Converted-model directories: an orbax checkpoint of the variables plus the model config.
 
-Layout of a directory written by `save_pretrained` (and `tools/convert_timm_weights.py`):
+Layout of a directory written by `save_pretrained` (and `clca-convert`):
 
     DIR/config.json       the `model` config section (JSON)
     DIR/variables/        orbax checkpoint of the Flax variables
@@ -241,8 +241,7 @@ def read_model_config(directory: str) -> ml_collections.ConfigDict:
     path = os.path.join(os.path.abspath(directory), MODEL_CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{path} not found; is {directory} a directory written by "
-            "tools/convert_timm_weights.py?"
+            f"{path} not found; is {directory} a directory written by clca-convert?"
         )
     try:
         with open(path) as f:

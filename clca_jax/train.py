@@ -579,7 +579,10 @@ def train_loop(run: Run, state: TrainState, mesh) -> TrainState:
             report_train(run, progress, done, loader.steps_per_epoch, running)
             running = None
         if eval_every and done % eval_every == 0 and done < run.total_steps:
-            evaluate_and_keep_best(run, state, done)
+            try:
+                evaluate_and_keep_best(run, state, done)
+            except evaluation.EvaluationStopped:
+                pass  # a preemption notice: `reached` below saves this step and stops
         every = config.checkpoint.every_steps
         preempted = run.preemption.reached(done)
         if (every and done % every == 0) or done == run.total_steps or preempted:

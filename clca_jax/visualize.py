@@ -13,7 +13,7 @@ accuracy / throughput plots over the workdirs of a sweep, and the gradient norms
     python -m clca_jax.visualize gradients --workdir=runs/evit_clca,runs/evit --out=grads.png
 
 A workdir is a training workdir (`clca_jax.main --workdir`) or a converted model directory
-(`tools/convert_timm_weights.py --out`, which has no data, so it needs --image).
+(`clca-convert --out`, which has no data, so it needs --image).
 
 How patches are followed: every reduction stage reports in `aux['kept']` what it did to the
 sequence entering it (see `clca_jax.models.reduction`). Its method's `destinations` turns that into
@@ -598,7 +598,7 @@ def load_run(directory: str, which: str = "latest"):
     """A trained workdir or a converted model directory, ready to apply.
 
     Args:
-      directory: a `clca_jax.main` workdir or a `tools/convert_timm_weights.py` output.
+      directory: a `clca_jax.main` workdir or a `clca-convert` output.
       which: `latest` or `best` checkpoint of a workdir.
 
     Returns:

@@ -147,3 +147,27 @@ def test_a_config_loads_by_name_or_path_from_any_folder(spec, tmp_path, monkeypa
     assert done.returncode == 0, done.stderr[-3000:]
     model = create_model(load("demo").model, check_cache=False)
     assert json.loads(done.stdout) == flops.report_dict(model, with_xla=False)
+
+
+@pytest.mark.parametrize(
+    "module,flag,message",
+    [
+        ("clca_jax.main", "--config.train.batch_size=eight", "invalid literal for int()"),
+        ("clca_jax.main", "--config=soygen", "'soygen' is not the name of a shipped config"),
+        ("clca_jax.evaluate", "--no_such_flag=1", "Unknown command line flag 'no_such_flag'"),
+        ("clca_jax.demo", "--config.model.img_size=big", "invalid literal for int()"),
+    ],
+)
+def test_a_bad_flag_is_one_line_not_a_traceback(tmp_path, module, flag, message):
+    """The commands that parse their own config flags report flag errors as absl does."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--config=demo", f"--workdir={tmp_path / 'w'}", flag],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,  # a hang guard only
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("FATAL Flags parsing error: ") and message in done.stderr
+    assert not (tmp_path / "w").exists()

@@ -175,6 +175,24 @@ def test_sigterm_during_start_up_or_the_final_evaluation_stops_cleanly(finished,
         assert json.load(f)["steps"] == 9
 
 
+def test_sigterm_during_an_evaluation_between_epochs_saves_and_stops(finished, tmp_path):
+    """The notice arrives after step 3, the end of epoch 1, whose evaluation then stops: the
+    run saves step 3, exits 0, and the same command finishes it."""
+    _, data_dir, _ = finished
+    extra = "    config.eval.every_epochs = 1"
+    config_path = write_cli_config(str(tmp_path / "cli.py"), data_dir, extra)
+    workdir = str(tmp_path / "run")
+    env = cli_env(str(tmp_path / "jax_cache"))
+    code, output = run_cli(config_path, workdir, dict(env, **{KILL_AT_ENV: "term:3"}))
+    assert code == 0, output[-3000:]
+    assert "preempted (SIGTERM)" in output, output[-3000:]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "3"
+    code, output = run_cli(config_path, workdir, env)
+    assert code == 0, output[-3000:]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f)["steps"] == 9
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 4 MiB file system, nearly full: the first checkpoint does not fit."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 
 import numpy as np
 import timm
@@ -25,8 +24,9 @@ def main() -> None:
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--img_size", type=int, default=448)
     args = parser.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
-    os.makedirs(args.out)
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise SystemExit(f"error: --out={args.out} exists and is not empty; name a new folder.")
+    os.makedirs(args.out, exist_ok=True)
 
     torch.manual_seed(0)
     source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()

@@ -7,7 +7,7 @@ reference: AdamW at 1e-4 with weight decay 0.05, 50 epochs of batch 32 (2 warm-u
 
 The weights come from a converted CLIP checkpoint:
 
-    python tools/convert_timm_weights.py --checkpoint open_clip_vit_b16_laion2b.bin \
+    clca-convert --checkpoint open_clip_vit_b16_laion2b.bin \
         --model vit_base_patch16_clip_224.laion2b --img_size 448 \
         --out pretrained/vit_base_patch16_clip_224.laion2b_448
 

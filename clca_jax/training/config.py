@@ -266,7 +266,7 @@ def _check_init(init: ml_collections.ConfigDict) -> None:
     if path and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
         raise ValueError(
             f"init.checkpoint={path!r} is not a converted model directory (no config.json in "
-            "it). Convert weights with tools/convert_timm_weights.py --out DIR, or set "
+            "it). Convert weights with clca-convert --out DIR, or set "
             "--config.init.checkpoint='' to train from scratch."
         )
 
@@ -283,10 +283,17 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing that turns an override of a field the config lacks
-    (`--config.train.epoch=3`) into a one-line error instead of a traceback."""
+    """absl flag parsing whose errors are one line and status 1, as absl's own parser reports
+    them (`app.parse_flags_with_usage`): a bad value (`--config.train.batch_size=eight`), an
+    unknown config name or flag, and an override of a field the config lacks
+    (`--config.train.epoch=3`), none of which absl's handler catches once a command parses its
+    own flags."""
     try:
         return flags.FLAGS(argv)
+    except flags.Error as error:
+        print(f"FATAL Flags parsing error: {error}", file=sys.stderr)
+        print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+        sys.exit(1)
     except (AttributeError, KeyError) as error:
         overrides = [arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")]
         print(
