@@ -34,7 +34,7 @@ test: $(VENV)/.full
 
 bench: $(VENV)/.full
 	$(PYTHON) tools/benchmark.py --config=configs/soyglobal.py --methods=none,evit \
-		--keep_rates=0.1,0.7 --batch_size=8 --out=bench_out --torch
+		--keep_rates=0.1,0.7 --batch_size=8 --out=bench_out --overwrite --torch
 
 lint: $(VENV)/.full
 	$(VENV)/bin/ruff check .

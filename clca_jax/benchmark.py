@@ -402,11 +402,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+OUTPUT_FILES = ("benchmark.csv", "benchmark.png")
+
+
 def write_csv(rows: list[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
+    """Written beside `path` and renamed onto it: a killed run leaves no half-written table."""
+    partial = f"{path}.partial"
+    with open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(partial, path)
 
 
 def plot(rows: list[dict], path: str) -> bool:
@@ -440,7 +446,9 @@ def plot(rows: list[dict], path: str) -> bool:
     speed.legend(fontsize=7)
     cost.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    partial = f"{path}.partial.png"
+    figure.savefig(partial, dpi=100)
+    os.replace(partial, path)
     return True
 
 
@@ -456,6 +464,14 @@ def check_flags() -> None:
         raise ValueError(f"--modes takes {', '.join(MODES)}, got {FLAGS.modes}.")
     if FLAGS.batch_size < 1 or FLAGS.repeats < 1:
         raise ValueError("--batch_size and --repeats must be at least 1.")
+    if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
+        raise ValueError(f"--out={FLAGS.out} is a file; name a folder for the results.")
+    written = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(FLAGS.out, name))]
+    if written and not FLAGS.overwrite:
+        raise ValueError(
+            f"--out={FLAGS.out} already holds {' and '.join(written)} of an earlier run; name "
+            "another folder, or pass --overwrite to replace them."
+        )
     if FLAGS.torch and not all(importlib.util.find_spec(name) for name in ("torch", "timm")):
         raise ValueError("--torch needs PyTorch and timm: pip install -e '.[torch]'.")
     if FLAGS.onnx:
@@ -500,6 +516,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported).")
     flags.DEFINE_list("modes", ["inference", "train"], f"What to time, of {', '.join(MODES)}.")
     flags.DEFINE_string("out", "bench_out", "Output directory.")
+    flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier run in --out.")
     flags.DEFINE_bool("torch", False, "Also time the PyTorch timm model (needs the torch extra).")
     flags.DEFINE_bool(
         "onnx", False, "Also time each inference model's ONNX export in ONNX Runtime."

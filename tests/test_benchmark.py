@@ -74,6 +74,19 @@ def test_benchmark_rejects_bad_flags_before_measuring(tmp_path, flags, message):
     assert "measuring" not in result.stdout
 
 
+def test_benchmark_keeps_an_earlier_runs_results(tmp_path):
+    """Results already in --out stay as they are, byte for byte, unless --overwrite."""
+    earlier = tmp_path / "benchmark.csv"
+    earlier.write_text("an earlier run\n")
+    result = run_tool("--methods=none", f"--out={tmp_path}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "already holds benchmark.csv of an earlier run" in last and "--overwrite" in last
+    assert earlier.read_text() == "an earlier run\n" and os.listdir(tmp_path) == ["benchmark.csv"]
+    result = run_tool("--methods=none", f"--out={earlier}")
+    assert result.returncode == 2 and "is a file; name a folder" in result.stderr
+
+
 def test_gradient_norm_mode_times_the_train_step_with_the_norms_jax_only(tmp_path):
     """`train_grad_norms` is the train step plus `train.log_gradient_norms`'s norms: more XLA
     flops than the plain step (the norms are computed, not dropped), and no PyTorch row."""

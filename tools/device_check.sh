@@ -49,7 +49,7 @@ bench() {  # bench NAME SIZE BATCH ATTENTION METHODS MODES
   "$python" -m clca_jax.benchmark --config="$config" --config.model.dtype=bfloat16 \
     --config.model.img_size="$2" --config.model.attention="$4" --methods="$5" \
     --keep_rates=0.1 --modes="$6" --batch_size="$3" --repeats="$repeats" \
-    --out="$out/$1_b$3" 2>&1 | tail -n 20
+    --out="$out/$1_b$3" --overwrite 2>&1 | tail -n 20
   "$python" tools/device_check.py table "$out" >/dev/null
 }
 
