@@ -1,4 +1,10 @@
-"""Pieces of the training loop: config, optimizer, sharding, warm start, checkpoints, metrics.
+"""Pieces of the training loop, each small and tested on its own; `clca_jax.train` puts them
+together, and `clca_jax.evaluate`, `predict` and `export` import what they need without an
+optimizer.
 
-`clca_jax.train` puts them together; each module here is small and tested on its own.
+config (defaults, validation, flag parsing), optim (optimizers, schedules, layer-wise rates,
+freezing), precision (float16's loss scale), losses, mixup, ema, sharding (mesh, placement,
+global batches), checkpoint (orbax), warm_start, evaluation (eval step, passes, throughput,
+summary), metrics (clu collections, TensorBoard, progress line), workdirs (saved run config,
+lock), preemption (SIGTERM).
 """
