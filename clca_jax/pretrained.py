@@ -187,13 +187,20 @@ def is_model_directory(directory: str) -> bool:
 
 
 def _remove_stale_leftovers(parent: str, name: str) -> None:
-    """Deletes the temporary folders of killed saves to `parent/name` made on this host."""
+    """Deletes the temporary folders of killed saves to `parent/name` made on this host; the
+    previous output of a save killed between its two renames (`parent/name` missing, only its
+    `.replaced-` folder left) is put back in place instead."""
     pattern = re.compile(
         rf"\.{re.escape(name)}\.(partial|replaced)-{re.escape(socket.gethostname())}-(\d+)"
     )
-    for entry in os.listdir(parent):
+    directory = os.path.join(parent, name)
+    for entry in sorted(os.listdir(parent)):
         match = pattern.fullmatch(entry)
-        if match and not _process_alive(int(match.group(2))):
+        if not match or _process_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "replaced" and not os.path.exists(directory):
+            os.rename(os.path.join(parent, entry), directory)
+        else:
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 

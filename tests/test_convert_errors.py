@@ -326,3 +326,25 @@ def test_non_finite_weights_are_refused_naming_the_tensor(
     code, err, out = run(tmp_path, path, capsys)
     assert code == 2 and "tensor 'blocks.1.mlp.fc2.weight' holds" in err
     assert not out.exists() and sorted(os.listdir(tmp_path)) == [f"w{suffix}"]
+
+
+def test_a_save_killed_between_its_renames_gets_the_previous_output_back(tmp_path):
+    """Killed after moving the old model aside and before moving the new one in: the next
+    write to that place restores the old model rather than deleting it as a leftover."""
+    import socket
+
+    from clca_jax import pretrained
+
+    dead = 4_194_000  # above any running process's id on this machine
+    while pretrained._process_alive(dead):
+        dead += 1
+    tag = f"{socket.gethostname()}-{dead}"
+    old = tmp_path / f".model.replaced-{tag}"
+    old.mkdir()
+    (old / "config.json").write_text("the previous model")
+    partial = tmp_path / f".model.partial-{tag}"
+    partial.mkdir()
+    (partial / "config.json").write_text("half of the new one")
+    pretrained._remove_stale_leftovers(str(tmp_path), "model")
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+    assert (tmp_path / "model" / "config.json").read_text() == "the previous model"

@@ -155,3 +155,27 @@ def test_the_papers_vit_b16_at_448_exports_with_the_models_logits(tmp_path, meth
     want = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False)[0])(variables, x))
     for run in (exported.load_stablehlo(out), exported.OnnxModel(out)):
         np.testing.assert_allclose(np.asarray(run(x)), want, rtol=0, atol=TOLERANCE)
+
+
+def test_the_export_command_as_typed(tmp_path):
+    """`python -m clca_jax.export --model=DIR --out=OUT` (the `clca-export` command): the files,
+    a line per format, and an existing --out kept as it was with one error line."""
+    import subprocess
+    import sys
+
+    _, _, directory = converted(tmp_path, "evit", True)
+    out = tmp_path / "export"
+    command = [sys.executable, "-m", "clca_jax.export", f"--model={directory}", f"--out={out}"]
+    done = subprocess.run(
+        [*command, "--formats=stablehlo"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["export.json", "model.stablehlo"]
+    assert "model.stablehlo: logits within" in done.stdout
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 2
+    lines = again.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "--overwrite" in lines[-1], again.stderr[-2000:]
+    assert "Traceback" not in again.stderr
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
