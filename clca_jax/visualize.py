@@ -424,8 +424,14 @@ def load_summaries(paths: Sequence[str]) -> list[dict]:
     """The summaries of runs (see `find_summaries`), each with its `workdir` added."""
     summaries = []
     for path in find_summaries(paths):
-        with open(path) as f:
-            summary = json.load(f)
+        try:
+            with open(path) as f:
+                summary = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{path} is not a valid summary.json ({error}); the run's summary is damaged: "
+                "evaluate the run again or leave it out."
+            ) from error
         summary["workdir"] = os.path.dirname(path)
         summaries.append(summary)
     return summaries
@@ -497,10 +503,19 @@ def plot_throughput_vs_keep_rate(summaries: Sequence[dict]) -> Figure:
 
 
 def save_figure(figure: Figure, path: str, dpi: int = 100) -> str:
-    """Writes `figure` as a PNG (folders created); returns the path."""
+    """Writes `figure` as a PNG (folders created) beside `path` and renames it onto `path`, so
+    a killed or failed save leaves no half-written picture; returns the path."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    figure.savefig(path, dpi=dpi, format="png")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder; name the picture file to write.")
+    partial = os.path.join(folder, f".{os.path.basename(path)}.partial")
+    try:
+        figure.savefig(partial, dpi=dpi, format="png")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     return path
 
 
@@ -725,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_outputs(args)
         written = COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError, IndexError) as error:
+    except (OSError, ValueError, IndexError) as error:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)

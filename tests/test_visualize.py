@@ -236,3 +236,30 @@ def test_a_per_stage_keep_rate_list_is_its_own_series_and_plots(tmp_path):
     assert visualize.keep_rate_text(0.5) == "0.5"
     written = visualize.save_sweep_plots([str(tmp_path)], str(tmp_path / "plots"))
     assert all(open(path, "rb").read(8) == PNG_MAGIC for path in written)
+
+
+def test_sweep_outputs_are_kept_or_refused_with_one_line(tmp_path, capsys):
+    """An existing picture stays unless --overwrite; an --out that is a file, a picture path
+    that is a folder and a damaged summary.json are one error line each, nothing written."""
+    write_summary(tmp_path / "runs" / "evit", "evit", 0.5, 50, 0.5)
+    runs = ["sweep", "--workdir", str(tmp_path / "runs")]
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / visualize.ACCURACY_PNG).write_bytes(b"earlier")
+    assert visualize.main([*runs, "--out", str(plots)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (plots / visualize.ACCURACY_PNG).read_bytes() == b"earlier"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    assert visualize.main([*runs, "--out", str(a_file)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    (plots / visualize.ACCURACY_PNG).unlink()
+    (plots / visualize.ACCURACY_PNG).mkdir()
+    assert visualize.main([*runs, "--out", str(plots), "--overwrite"]) == 2
+    assert "is a folder; name the picture file" in capsys.readouterr().err
+    with open(tmp_path / "runs" / "evit" / "summary.json", "w") as f:
+        f.write('{"config": ')
+    assert visualize.main([*runs, "--out", str(tmp_path / "new")]) == 2
+    assert "is not a valid summary.json" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert [p.name for p in plots.iterdir()] == [visualize.ACCURACY_PNG]  # no partial files
