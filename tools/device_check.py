@@ -77,6 +77,9 @@ def results_table(out: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) >= 2 and argv[1] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     if len(argv) >= 2 and argv[1] == "logits":
         return logits_check(smoke="--smoke" in argv[2:])
     if len(argv) == 3 and argv[1] == "table":
