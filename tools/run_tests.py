@@ -1,6 +1,6 @@
 """The test suite as `make test` runs it: pytest in a few separate processes.
 
-    python tools/run_tests.py [PYTEST_ARGS...]    # e.g. -x, -k name, -m slow
+    python tools/run_tests.py [PYTEST_ARGS...]    # any pytest flags: -x, -k NAME, --durations=20
 
 The test files are split, in name order, into `GROUPS` runs, each a fresh interpreter, and
 the files that load ONNX Runtime and jax2onnx into the test process run on their own. One
@@ -38,6 +38,9 @@ def groups() -> list[list[str]]:
 
 
 def main(args: list[str]) -> int:
+    if "-h" in args or "--help" in args:
+        print(__doc__)
+        return 0
     totals: dict[str, int] = {}
     status = 0
     for files in groups():
