@@ -159,7 +159,8 @@ def train_metrics_class(gradients: bool = False, loss_scale: bool = False) -> ty
     return flax.struct.dataclass(type(name, (metrics.Collection,), body))
 
 
-TrainMetricsWithGradients = train_metrics_class(gradients=True)
+# Positional, as `train_step_metrics` calls it: functools.cache keys keyword calls apart.
+TrainMetricsWithGradients = train_metrics_class(True, False)
 
 
 def train_step_metrics(
