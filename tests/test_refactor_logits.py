@@ -20,5 +20,8 @@ def test_logits_equal_the_pre_refactor_model(saved, method, clca):
     for kind, value in logits(method, clca).items():
         expected = saved[f"{method}/{'clca' if clca else 'plain'}/{kind}"]
         # Bit-identical on the machine that wrote the file; the bound leaves room for another
-        # CPU's kernels only.
-        np.testing.assert_allclose(value, expected, rtol=0, atol=1e-6, err_msg=kind)
+        # CPU's kernels only. In training the CLA head's BatchNorm normalises with the
+        # statistics of a batch of 2, which magnifies their rounding: up to 5.9e-6 on an AMD
+        # EPYC (Zen 5) against the file written on an Intel Xeon; evaluation stays within 1e-6.
+        atol = 2e-5 if kind == "train" else 1e-6
+        np.testing.assert_allclose(value, expected, rtol=0, atol=atol, err_msg=kind)
